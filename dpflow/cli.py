@@ -251,7 +251,6 @@ def run_train(args, comm):
     for name in ("metrics", "save"):
         if getattr(config, name):
             agree(comm, lambda: check_parent_writable(name, getattr(config, name)) if comm.is_root else None)
-    trainer.synchronise_parameters()
     resumed_from = trainer.resume() if config.resume else None
     hosts = describe_hosts(comm)
     reporter = Reporter(config, comm, append=bool(resumed_from))

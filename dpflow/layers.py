@@ -158,7 +158,7 @@ class MSE(Loss):
     def forward(self):
         y = self.inbound_layers[0].value
         a = self.inbound_layers[1].value
-        a2 = a.reshape(len(a), -1)  # (batch, n_outputs)
+        a2 = a.reshape(a.shape[0], int(np.prod(a.shape[1:])))  # (batch, n_outputs)
         if y.size != a2.size:
             raise _shape_error(
                 self, f"targets of shape {y.shape} do not match outputs of shape {a.shape}",

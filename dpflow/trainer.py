@@ -25,7 +25,7 @@ from .checkpoint import CheckpointError, load_latest_valid, save_checkpoint
 from .comm import fingerprint
 from .config import UsageError, config_dict
 from .data import batch_bounds, epoch_permutation, shard_bounds
-from .flat import FlatParameters
+from .parallel import DataParallel
 from .graph import backward_pass, forward_pass
 from .model import MLP
 from .optim import create_optimizer
@@ -46,20 +46,6 @@ class Interrupted(Exception):
     def __init__(self, signum, message):
         super().__init__(message)
         self.signum = signum
-
-
-def verify_same_parameters(comm, flat):
-    """Every rank must hold the same parameter names and shapes. Collective."""
-    layouts = comm.allgather_object([(name, flat.shapes[name]) for name in flat.names])
-    for rank, layout in enumerate(layouts):
-        if layout != layouts[0]:
-            differ = [f"{a} vs {b}" for a, b in zip(layouts[0], layout) if a != b]
-            if len(layout) != len(layouts[0]):
-                differ.append(f"{len(layouts[0])} parameters vs {len(layout)}")
-            raise UsageError(
-                f"rank {rank} builds a different model from rank 0 ({'; '.join(differ[:3])}); "
-                "every rank must get the same flags, config file and dataset"
-            )
 
 
 class Watchdog:
@@ -110,7 +96,8 @@ class Trainer:
             )
         self.model = MLP(data.n_features, config.hidden, data.n_classes, config.activation,
                          seed=config.seed, dtype=self.dtype)
-        self.flat = FlatParameters(self.model.params, self.dtype, extra_slots=EXTRA_SLOTS)
+        self.parallel = DataParallel(self.model.params, comm, EXTRA_SLOTS, config.reducer)
+        self.flat = self.parallel.flat
         self.optimizer = create_optimizer(config.optimizer, self.flat.size, self.dtype, self.lr_at(0.0),
                                           config.momentum, config.weight_decay)
         self.accumulated = np.zeros(self.flat.size, self.dtype) if config.accumulate > 1 else None
@@ -132,11 +119,6 @@ class Trainer:
         if isinstance(x, np.memmap):
             return x
         return np.ascontiguousarray(x, dtype=self.dtype)
-
-    def synchronise_parameters(self):
-        """Check every rank builds the same model, then give all of them rank 0's values."""
-        verify_same_parameters(self.comm, self.flat)
-        self.comm.broadcast(self.flat.values, root=0)
 
     def steps_per_epoch(self):
         n_batches = math.ceil(len(self.x_train) / self.config.batch_size)
@@ -205,10 +187,7 @@ class Trainer:
         flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
 
         started = time.perf_counter()
-        if self.config.reducer == "naive":
-            self.comm.allreduce_sum_each(flat.grad_views() + [flat.extra])
-        else:
-            self.comm.allreduce_sum(flat.grads)
+        self.parallel.allreduce_gradients()
         self.comm_seconds += time.perf_counter() - started
 
         # The reduced buffer is the same on every rank, so these decisions are too.
