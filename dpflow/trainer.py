@@ -98,12 +98,12 @@ class Trainer:
                          seed=config.seed, dtype=self.dtype)
         self.parallel = DataParallel(self.model.params, comm, EXTRA_SLOTS, config.reducer)
         self.flat = self.parallel.flat
-        self.optimizer = create_optimizer(config.optimizer, self.flat.size, self.dtype, self.lr_at(0.0),
-                                          config.momentum, config.weight_decay)
-        self.accumulated = np.zeros(self.flat.size, self.dtype) if config.accumulate > 1 else None
         # In-memory data is cast to the training dtype once; memory-mapped data is cast per batch.
         self.x_train = self.as_training_array(data.x_train)
         self.x_test = self.as_training_array(data.x_test)
+        self.optimizer = create_optimizer(config.optimizer, self.flat.size, self.dtype, self.lr_at(0.0),
+                                          config.momentum, config.weight_decay)
+        self.accumulated = np.zeros(self.flat.size, self.dtype) if config.accumulate > 1 else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.stop_signal = None  # set by this rank's signal handler
         self.stop_agreed = False  # set when any rank was signalled, read from the allreduce

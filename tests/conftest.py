@@ -55,6 +55,7 @@ def run(args, timeout=120, ranks=None, env=None, cwd=None, **kwargs):
     `timeout`: a test never hangs."""
     command = [mpiexec(), "-n", str(ranks), *args] if ranks else list(args)
     full_env = {**os.environ, **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}  # None unsets
     started = time.monotonic()
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
