@@ -1,0 +1,36 @@
+"""Run `dpflow` with a fault injected into one rank, for the failure tests.
+
+    mpiexec -n 4 python tests/inject_fault.py RANK STEP KIND dpflow-args...
+
+KIND: `raise` (an exception in the training step), `nan` (that rank's loss gradient becomes
+NaN), `exit` (the rank calls os._exit(3) as if it crashed). The fault fires on rank RANK when
+the global step reaches STEP; every other rank runs dpflow unchanged, through the same
+`dpflow.cli.main` the console script calls.
+"""
+
+import os
+import sys
+
+import numpy as np
+
+from dpflow import cli, trainer
+from dpflow.comm import create_communicator
+
+rank, step, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+original_step = trainer.Trainer.train_step
+
+
+def faulty_step(self, permutation, micro_batches):
+    if self.comm.rank == rank and self.global_step + 1 >= step:
+        if kind == "raise":
+            raise RuntimeError(f"injected failure at step {self.global_step + 1}")
+        if kind == "exit":
+            os._exit(3)
+        if kind == "nan":
+            self.model.inputs.value = None  # replaced below by a NaN batch
+            self.x_train = np.full_like(self.x_train, np.nan)
+    return original_step(self, permutation, micro_batches)
+
+
+trainer.Trainer.train_step = faulty_step
+sys.exit(cli.main(sys.argv[4:]))

@@ -1,0 +1,252 @@
+"""Never hang, never lose work: each failure mode launched for real under mpiexec, with a
+hard timeout, asserting the exit status, the time to exit, the message, and what was saved."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, dpflow_command, mpiexec, run
+from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
+
+INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
+
+
+def snapshot(directory):
+    """name -> sha256 of every file in a directory: to prove nothing saved was touched."""
+    return {name: hashlib.sha256(open(os.path.join(directory, name), "rb").read()).hexdigest()
+            for name in sorted(os.listdir(directory))}
+
+
+def test_exception_on_rank_2_of_4_aborts_the_job_fast():
+    result = run([sys.executable, INJECT, "2", "5", "raise", "train", "--epochs", "50"], ranks=4, timeout=60)
+    assert result.returncode != 0
+    assert result.seconds < 15, result
+    line = "dpflow: rank 2 on "
+    assert result.stderr.count(line) == 1 and "failed: RuntimeError: injected failure at step 5" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def start_training(tmp_path, *args, ranks=4):
+    """mpiexec dpflow train in the background; returns the Popen and the metrics path."""
+    metrics = tmp_path / "m.jsonl"
+    command = [mpiexec(), "-n", str(ranks), *dpflow_command(), "train", "--metrics", str(metrics),
+               "--log-every", "1", *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    return process, metrics
+
+
+def steps_logged(metrics):
+    try:
+        return sum(1 for _ in open(metrics))
+    except FileNotFoundError:
+        return 0
+
+
+def finish(process, timeout):
+    """Wait for the job to end on its own; kill it and fail if it does not."""
+    started = time.monotonic()
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"the job did not end within {timeout}s after the fault")
+    return process.returncode, stdout, stderr, time.monotonic() - started
+
+
+def rank_pids(marker):
+    """PIDs of the dpflow rank processes whose command line contains `marker`."""
+    output = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout
+    pids = []
+    for pid in map(int, output.split()):
+        try:
+            command = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if not any(part.endswith(b"mpiexec") or part.endswith(b"mpiexec.hydra") for part in command[:1]):
+            pids.append(pid)
+    return pids
+
+
+def test_a_rank_killed_mid_run_ends_the_job_and_keeps_the_checkpoint(tmp_path):
+    process, metrics = start_training(tmp_path, "--epochs", "400", "--checkpoint-dir", tmp_path / "ck",
+                                      "--checkpoint-every", "1")
+    wait_for(lambda: len(list_checkpoints(str(tmp_path / "ck"))) >= 2, 60, "two checkpoints")
+    victims = rank_pids(str(metrics))
+    assert len(victims) == 4, victims
+    os.kill(victims[-1], signal.SIGKILL)
+    code, stdout, stderr, seconds = finish(process, 30)
+    assert code != 0 and seconds < 15, (code, seconds, stderr)
+    path, arrays, meta = load_latest_valid(str(tmp_path / "ck"))
+    assert meta["global_step"] > 0 and all(np.isfinite(a).all() for a in arrays.values())
+
+
+def test_a_stalled_rank_is_caught_by_the_watchdog(tmp_path):
+    process, metrics = start_training(tmp_path, "--epochs", "400", "--stall-timeout", "3")
+    wait_for(lambda: steps_logged(metrics) > 20, 60, "training to start")
+    victim = rank_pids(str(metrics))[-1]
+    os.kill(victim, signal.SIGSTOP)  # alive but silent, as behind a cut link
+    try:
+        code, stdout, stderr, seconds = finish(process, 30)
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert code != 0 and seconds < 15, (code, seconds)
+    assert "no progress for" in stderr and "--stall-timeout 3" in stderr
+
+
+BAD_INPUTS = [
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (["--epochs", "0"], "--epochs must be > 0, got 0"),
+    (["--optimizer", "rmsprop"], "invalid choice: 'rmsprop'"),
+    (["--hidden", "64,abc"], "--hidden must be comma-separated integers"),
+    (["--batch-size", "3"], "--batch-size 3 is the global batch and must be >= the number of ranks (4)"),
+    (["--dataset", "missing.npz"], "'missing.npz' is neither a built-in dataset"),
+    (["--config", "nope.toml"], "--config nope.toml: no such file"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
+def test_bad_flags_exit_2_with_one_message(dpflow, args, message):
+    result = dpflow("train", *args, ranks=4, timeout=60)
+    assert result.returncode == 2, result
+    assert result.stderr.count("dpflow: error:") == 1 and message in result.stderr, result
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def bad_dataset(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(50, 4)), rng.integers(0, 3, 50)
+    path = tmp_path / "d.npz"
+    if kind == "truncated":
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "misshaped":
+        np.savez(path, x_train=x.reshape(50, 2, 2), y_train=y, x_test=x, y_test=y)
+    elif kind == "labels":
+        np.savez(path, x_train=x, y_train=y - 5, x_test=x, y_test=y)
+    elif kind == "features":
+        np.savez(path, x_train=x, y_train=y, x_test=x[:, :3], y_test=y)
+    elif kind == "unreadable":
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("truncated", "truncated"), ("misshaped", "must be 2-D"), ("labels", "outside 0..2"),
+    ("features", "x_train has 4 features but x_test has 3"), ("unreadable", "has no train-images-idx3-ubyte"),
+])
+def test_bad_datasets_exit_2_with_one_message(dpflow, tmp_path, kind, message):
+    result = dpflow("train", "--dataset", bad_dataset(tmp_path, kind), ranks=3, timeout=60)
+    assert result.returncode == 2 and result.stderr.count("dpflow: error:") == 1, result
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_config_key(dpflow, tmp_path):
+    (tmp_path / "c.toml").write_text("learning_rate = 0.1\n")
+    result = dpflow("train", "--config", tmp_path / "c.toml", ranks=2, timeout=60)
+    assert result.returncode == 2 and "unknown key 'learning_rate'" in result.stderr, result
+
+
+def test_unwritable_checkpoint_dir(dpflow, tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    result = dpflow("train", "--checkpoint-dir", tmp_path / "file" / "ck", ranks=2, timeout=60)
+    assert result.returncode == 2 and "--checkpoint-dir" in result.stderr and "not writable" in result.stderr, result
+
+
+def test_checkpoint_from_a_different_model_is_refused_and_left_intact(dpflow, tmp_path):
+    first = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert first.returncode == 0, first
+    before = snapshot(tmp_path / "ck")
+    result = dpflow("train", "--epochs", "2", "--hidden", "32", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    assert result.returncode == 2 and result.stderr.count("dpflow: error:") == 1, result
+    assert "from a different model" in result.stderr and "--hidden" in result.stderr
+    assert snapshot(tmp_path / "ck") == before
+
+
+def test_divergence_stops_every_rank_at_the_same_step_naming_the_checkpoint(dpflow, tmp_path):
+    result = dpflow("train", "--epochs", "5", "--lr", "1e6", "--optimizer", "sgd", "--checkpoint-dir",
+                    tmp_path / "ck", ranks=4, timeout=60)
+    assert result.returncode == 1, result
+    assert "NaN or infinite at step" in result.stderr and result.stderr.count("training failed") == 1
+    for path in list_checkpoints(str(tmp_path / "ck")):
+        arrays, meta = read_checkpoint(path)
+        assert all(np.isfinite(a).all() for a in arrays.values())
+
+
+def test_nan_on_one_rank_is_seen_by_all_and_can_be_skipped():
+    stopped = run([sys.executable, INJECT, "1", "3", "nan", "train", "--epochs", "2"], ranks=3, timeout=60)
+    assert stopped.returncode == 1 and "NaN or infinite at step 3" in stopped.stderr, stopped
+    skipped = run([sys.executable, INJECT, "1", "3", "nan", "train", "--epochs", "2", "--on-nonfinite", "skip"],
+                  ranks=3, timeout=60)
+    assert skipped.returncode == 0, skipped
+    assert "step 3: non-finite loss or gradient; step skipped" in skipped.stdout
+
+
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(dpflow, tmp_path):
+    common = ["--epochs", "6", "--dtype", "float64", "--batch-size", "16"]
+    straight = dpflow("train", *common, "--save", tmp_path / "straight.npz", ranks=4)
+    assert straight.returncode == 0, straight
+    process, metrics = start_training(tmp_path, *common, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", "100")
+    wait_for(lambda: steps_logged(metrics) > 130, 60, "training into epoch 2")
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler preempting the job does
+    code, stdout, stderr, seconds = finish(process, 30)
+    assert code == 128 + signal.SIGTERM, (code, stderr)
+    assert "stopped by SIGTERM at step" in stderr and "continue with --resume" in stderr
+    path, arrays, meta = load_latest_valid(str(tmp_path / "ck"))
+    assert 0 < meta["step_in_epoch"] and meta["epoch"] < 6  # really mid-epoch
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck-copy")
+    resumed = dpflow("train", *common, "--checkpoint-dir", tmp_path / "ck", "--resume",
+                     "--save", tmp_path / "resumed.npz", ranks=4)
+    assert resumed.returncode == 0, resumed
+    a, b = np.load(tmp_path / "straight.npz"), np.load(tmp_path / "resumed.npz")
+    assert all(np.array_equal(a[name], b[name]) for name in a.files)
+    # And from the same checkpoint on another world size, to rounding.
+    other = dpflow("train", *common, "--checkpoint-dir", tmp_path / "ck-copy", "--resume",
+                   "--save", tmp_path / "other.npz", ranks=3)
+    assert other.returncode == 0, other
+    c = np.load(tmp_path / "other.npz")
+    assert max(np.max(np.abs(a[name] - c[name])) for name in a.files) < 1e-10
+
+
+def test_damaged_checkpoints_fall_back_or_stop_clearly(dpflow, tmp_path):
+    trained = dpflow("train", "--epochs", "3", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert trained.returncode == 0
+    newest, middle, oldest = list_checkpoints(str(tmp_path / "ck"))
+    with open(newest, "r+b") as handle:
+        handle.truncate(os.path.getsize(newest) // 2)
+    data = bytearray(open(middle, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(middle, "wb").write(bytes(data))
+    result = dpflow("train", "--epochs", "4", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    assert result.returncode == 0, result
+    assert "ckpt-000000069.dpf is damaged" in result.stdout and "ckpt-000000046.dpf is damaged" in result.stdout
+    assert "resumed from" in result.stdout and "ckpt-000000023.dpf" in result.stdout
+    # With every checkpoint damaged: a clear error, exit 2, and the files are left alone.
+    for path in list_checkpoints(str(tmp_path / "ck")):
+        with open(path, "r+b") as handle:
+            handle.truncate(100)
+    before = snapshot(tmp_path / "ck")
+    result = dpflow("train", "--epochs", "6", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    assert result.returncode == 2 and "no valid checkpoint" in result.stderr, result
+    assert snapshot(tmp_path / "ck") == before
