@@ -12,12 +12,9 @@ import time
 
 import numpy as np
 
-from .config import parse_hidden
-from .data import shard_bounds
-from .flat import FlatParameters
-from .graph import backward_pass, forward_pass
-from .model import MLP
-from .optim import create_optimizer
+from .config import TrainConfig, parse_hidden
+from .data import Dataset, shard_bounds
+from .trainer import Trainer
 
 
 def add_bench_arguments(parser):
@@ -31,6 +28,8 @@ def add_bench_arguments(parser):
     parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
     parser.add_argument("--reducer", choices=("flat", "naive"), default="flat",
                         help="flat: one fused allreduce; naive: one per parameter")
+    parser.add_argument("--bucket-mb", type=float, default=0.0,
+                        help="overlap: allreduce buckets of this many MB during backward; 0 off")
     parser.add_argument("--no-sync", action="store_true",
                         help="skip the gradient allreduce: the compute-only ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -72,59 +71,65 @@ def time_gemms(sizes, rows, dtype, repeats, rng):
     return float(np.median(times))
 
 
-def run_bench(args, comm):
-    dtype = np.dtype(args.dtype)
-    hidden = parse_hidden(args.hidden)
-    rng = np.random.default_rng(1234 + comm.rank)
-    first, last = shard_bounds(args.batch_size, comm.rank, comm.size)
-    rows = last - first
-    model = MLP(args.features, hidden, args.classes, "relu", seed=0, dtype=dtype)
-    flat = FlatParameters(model.params, dtype)
-    optimizer = create_optimizer(args.optimizer, flat.size, dtype, lr=1e-3)
-    model.inputs.value = rng.standard_normal((rows, args.features)).astype(dtype)
-    model.labels.value = rng.integers(0, args.classes, rows)
-    model.loss.normaliser = args.batch_size
-    comm.broadcast(flat.values)
+def bench_trainer(args, comm):
+    """A Trainer on random data of exactly one global batch: every step is the real
+    `train_step` of `dpflow train`, on the same rows."""
+    rng = np.random.default_rng(1234)
+    x = rng.standard_normal((args.batch_size, args.features))
+    y = rng.integers(0, args.classes, args.batch_size)
+    data = Dataset("bench", x, y, x[:1], y[:1], args.classes)
+    config = TrainConfig(dataset="bench", hidden=parse_hidden(args.hidden), batch_size=args.batch_size,
+                         optimizer=args.optimizer, lr=1e-3, dtype=args.dtype, reducer=args.reducer,
+                         bucket_mb=args.bucket_mb, consistency_every=0, stall_timeout=0)
+    trainer = Trainer(config, comm, data)
+    trainer.sync = not args.no_sync
+    return trainer
 
-    phases = np.zeros((args.steps, 4))  # forward, backward, sync, update
+
+def current_rss_mb():
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def run_bench(args, comm):
+    rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
+    trainer = bench_trainer(args, comm)
+    dtype, flat = trainer.dtype, trainer.flat
+    permutation = np.arange(args.batch_size)
+    batch = [(0, args.batch_size)]
     step_times = np.zeros(args.steps)
+    rss_after_warmup = 0.0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             comm.barrier()
-        t0 = time.perf_counter()
-        forward_pass(model.graph)
-        t1 = time.perf_counter()
-        backward_pass(model.graph)
-        t2 = time.perf_counter()
-        if not args.no_sync:
-            if args.reducer == "naive":
-                comm.allreduce_sum_each(flat.grad_views())
-            else:
-                comm.allreduce_sum(flat.grads)
-        t3 = time.perf_counter()
-        optimizer.step(flat.values, flat.param_grads)
-        t4 = time.perf_counter()
+            trainer.phase_seconds[:] = 0
+            rss_after_warmup = peak_rss_mb()
+        started = time.perf_counter()
+        trainer.train_step(permutation, batch)
         if step >= args.warmup:
-            phases[step - args.warmup] = (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
-            step_times[step - args.warmup] = t4 - t0
+            step_times[step - args.warmup] = time.perf_counter() - started
     rss_after_steps = peak_rss_mb()
+    phases = trainer.phase_seconds / args.steps
 
-    raw_allreduce = time_raw_allreduce(comm, flat.grads.size, dtype, max(20, args.steps // 2)) if comm.size > 1 else 0.0
-    gemm_only = time_gemms(model.sizes, rows, dtype, max(20, args.steps // 2), rng)
+    first, last = shard_bounds(args.batch_size, comm.rank, comm.size)
+    repeats = max(20, args.steps // 2)
+    raw_allreduce = time_raw_allreduce(comm, flat.grads.size, dtype, repeats) if comm.size > 1 else 0.0
+    gemm_only = time_gemms(trainer.model.sizes, last - first, dtype, repeats, np.random.default_rng(0))
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
-    local = np.array([step_times.mean(), *phases.mean(axis=0), gemm_only, rss_after_steps])
-    slowest = local.copy()
+    slowest = np.array([step_times.mean(), *phases, gemm_only, rss_after_warmup, rss_after_steps,
+                        rss_after_steps - rss_before_model])
     comm.allreduce_max(slowest)
-    step_s, forward_s, backward_s, sync_s, update_s, gemm_s, rss = slowest
-    grad_bytes = flat.grads.nbytes
+    step_s, forward_s, backward_s, sync_s, update_s, gemm_s, rss_warm, rss, rss_growth = slowest
+    grad_bytes = flat.param_grads.nbytes
     result = {
         "world_size": comm.size,
         "batch_size": args.batch_size,
-        "rows_per_rank_max": int(np.ceil(args.batch_size / comm.size)),
+        "rows_per_rank_max": -(-args.batch_size // comm.size),
         "dtype": dtype.name,
-        "sizes": model.sizes,
+        "sizes": trainer.model.sizes,
         "reducer": "none" if args.no_sync else args.reducer,
+        "bucket_mb": args.bucket_mb,
         "samples_per_sec": args.batch_size / step_s,
         "step_ms": 1e3 * step_s,
         "forward_ms": 1e3 * forward_s,
@@ -134,16 +139,24 @@ def run_bench(args, comm):
         "raw_allreduce_ms": 1e3 * raw_allreduce,
         "gemm_only_ms": 1e3 * gemm_s,
         "gradient_bytes": grad_bytes,
-        "sync_bandwidth_gb_s": (grad_bytes / sync_s / 1e9) if sync_s > 0 and not args.no_sync else None,
+        "sync_bandwidth_gb_s": (grad_bytes / sync_s / 1e9) if sync_s > 0 and not args.no_sync and comm.size > 1 else None,
         "peak_rss_mb": rss,
+        "peak_rss_after_warmup_mb": rss_warm,
+        "rss_added_by_training_mb": rss_growth,
         "parameters": flat.size,
+        "state_mb": state_megabytes(trainer),
     }
     if comm.is_root:
-        if args.json:
-            print(json.dumps(result))
-        else:
-            print(format_report(result))
+        print(json.dumps(result) if args.json else format_report(result))
     return 0
+
+
+def state_megabytes(trainer):
+    """Parameters + gradients + optimizer state + activations and their gradients, in MB."""
+    arrays = [trainer.flat.values, trainer.flat.grads]
+    arrays += [v for v in trainer.optimizer.state_dict().values() if isinstance(v, np.ndarray)]
+    arrays += [a for layer in trainer.model.graph for a in layer._scratch.values()]
+    return sum(a.nbytes for a in arrays) / 2**20
 
 
 def format_report(r):
@@ -158,7 +171,9 @@ def format_report(r):
         f"    update         {r['update_ms']:>12.3f} ms",
         f"  raw Allreduce    {r['raw_allreduce_ms']:>12.3f} ms of {r['gradient_bytes'] / 1e6:.2f} MB",
         f"  GEMMs alone      {r['gemm_only_ms']:>12.3f} ms (the compute limit at this per-rank batch)",
-        f"  peak RSS         {r['peak_rss_mb']:>12.1f} MB per rank (max)",
+        f"  peak RSS         {r['peak_rss_mb']:>12.1f} MB per rank (max; {r['peak_rss_after_warmup_mb']:.1f} after warmup)",
+        f"  added by dpflow  {r['rss_added_by_training_mb']:>12.1f} MB per rank (peak RSS minus the RSS before the model)",
+        f"  training state   {r['state_mb']:>12.1f} MB (parameters, gradients, optimizer, activations)",
     ]
     if r["sync_bandwidth_gb_s"]:
         lines.insert(7, f"  sync bandwidth   {r['sync_bandwidth_gb_s']:>12.2f} GB/s")

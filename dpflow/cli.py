@@ -79,6 +79,8 @@ TRAIN_HELP = {
                     "(default %(default)s)",
     "reducer": "flat: one fused allreduce of all gradients; naive: one per parameter "
                "(default %(default)s)",
+    "bucket_mb": "overlap communication with backward: allreduce buckets of this many MB as "
+                 "soon as backward finishes them; 0 waits for the whole backward (default %(default)s)",
 }
 
 

@@ -52,6 +52,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # or "skip" the step
     # Communication
     reducer: str = "flat"  # one fused allreduce; "naive": one per parameter (the reference)
+    bucket_mb: float = 0.0  # >0: overlap allreduces of buckets this big with backward; see BENCHMARKS.md
 
 
 CHOICES = {
@@ -66,7 +67,7 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "checkpoint_every",
             "keep_checkpoints", "samples", "features")
 NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
-                "stall_timeout")
+                "stall_timeout", "bucket_mb")
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 

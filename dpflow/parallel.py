@@ -65,3 +65,51 @@ class DataParallel:
             self.comm.allreduce_sum_each(self.flat.grad_views() + [self.flat.extra])
         else:
             self.comm.allreduce_sum(self.flat.grads)
+
+    # --- overlapping the allreduce with backward ----------------------------------------------
+
+    def plan_buckets(self, graph, bucket_bytes):
+        """Group the gradient buffer into buckets of about `bucket_bytes`, from its end.
+
+        Backward finishes the last layers first, and sorted names put them at the end of the
+        buffer, so a bucket of the tail is complete early and its allreduce can run while
+        backward continues. The extra slots ride with the first bucket.
+        """
+        flat, params = self.flat, {p.name: p for p in graph if p.name in self.flat.slices}
+        position = {id(layer): index for index, layer in enumerate(graph)}
+        self.buckets = []  # [start, stop) ranges of flat.grads, in launch order
+        bucket_of, members = {}, []
+        stop = flat.grads.size
+        for name in reversed(flat.names):
+            members.append(name)
+            start = flat.slices[name].start
+            if (stop - start) * flat.dtype.itemsize >= bucket_bytes or name == flat.names[0]:
+                for member in members:
+                    bucket_of[member] = len(self.buckets)
+                self.buckets.append((start, stop, len(members)))
+                members, stop = [], start
+        # A parameter's gradient is final after its consumer that runs backward last.
+        self.finished_after = {}
+        for name, param in params.items():
+            last = min(param.outbound_layers, key=lambda layer: position[id(layer)])
+            self.finished_after.setdefault(id(last), []).append((param, bucket_of[name]))
+        self.overlap_graph = graph
+
+    def backward_and_start_allreduce(self, graph):
+        """backward_pass(graph), starting each bucket's non-blocking allreduce as soon as its
+        gradients are final. Returns the requests to `comm.wait`. Collective."""
+        assert graph is self.overlap_graph, "plan_buckets(graph, ...) first"
+        waiting = [count for _, _, count in self.buckets]
+        requests = []
+        params = {id(param) for entries in self.finished_after.values() for param, _ in entries}
+        for layer in reversed(graph):
+            if id(layer) in params:
+                continue  # run below, as soon as its last consumer is done
+            layer.backward()
+            for param, bucket in self.finished_after.get(id(layer), ()):
+                param.backward()  # sums several consumers; nothing to do for one
+                waiting[bucket] -= 1
+                if waiting[bucket] == 0:
+                    start, stop, _ = self.buckets[bucket]
+                    requests.append(self.comm.start_allreduce_sum(self.flat.grads[start:stop]))
+        return [request for request in requests if request is not None]

@@ -112,6 +112,12 @@ class Trainer:
         self.history = []
         self.batch_buffers = {}
         self.comm_seconds = 0.0
+        self.phase_seconds = np.zeros(4)  # forward, backward, waiting for the sync, update
+        self.sync = True  # `dpflow bench --no-sync` turns the allreduce off
+        # Overlap needs the gradients final when backward ends, which accumulation defers.
+        self.overlap = config.bucket_mb > 0 and config.accumulate == 1 and config.reducer == "flat"
+        if self.overlap:
+            self.parallel.plan_buckets(self.model.graph, int(config.bucket_mb * 2**20))
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -166,16 +172,24 @@ class Trainer:
     def train_step(self, permutation, micro_batches):
         """Forward and backward over this rank's share of each micro-batch, one allreduce,
         one update. Returns the global mean loss of the step. Collective."""
-        model, flat = self.model, self.flat
+        model, flat, seconds = self.model, self.flat, self.phase_seconds
         global_rows = sum(stop - start for start, stop in micro_batches)
         model.loss.normaliser = global_rows
         loss_sum = 0.0
+        requests = None
         for index, (start, stop) in enumerate(micro_batches):
+            t0 = time.perf_counter()
             model.inputs.value, model.labels.value = self.local_rows(
                 permutation, start, stop, self.x_train, self.data.y_train)
             forward_pass(model.graph)
-            backward_pass(model.graph)
             loss_sum += model.loss.loss_sum
+            t1 = time.perf_counter()
+            if self.overlap and self.sync:
+                flat.extra[LOSS_SLOT] = loss_sum
+                flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
+                requests = self.parallel.backward_and_start_allreduce(model.graph)
+            else:
+                backward_pass(model.graph)
             if self.accumulated is not None and len(micro_batches) > 1:
                 if index == 0:
                     np.copyto(self.accumulated, flat.param_grads)
@@ -183,12 +197,20 @@ class Trainer:
                     self.accumulated += flat.param_grads
                 else:
                     flat.param_grads += self.accumulated
-        flat.extra[LOSS_SLOT] = loss_sum
-        flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
+            t2 = time.perf_counter()
+            seconds[0] += t1 - t0
+            seconds[1] += t2 - t1
 
         started = time.perf_counter()
-        self.parallel.allreduce_gradients()
-        self.comm_seconds += time.perf_counter() - started
+        if requests is not None:
+            self.comm.wait(requests)
+        elif self.sync:
+            flat.extra[LOSS_SLOT] = loss_sum
+            flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
+            self.parallel.allreduce_gradients()
+        waited = time.perf_counter() - started
+        seconds[2] += waited
+        self.comm_seconds += waited
 
         # The reduced buffer is the same on every rank, so these decisions are too.
         global_loss = float(flat.extra[LOSS_SLOT]) / global_rows
@@ -204,7 +226,9 @@ class Trainer:
                 )
             self.log(f"warning: step {self.global_step + 1}: non-finite loss or gradient; step skipped")
         else:
+            started = time.perf_counter()
             self.optimizer.step(flat.values, flat.param_grads)
+            seconds[3] += time.perf_counter() - started
         self.global_step += 1
         # Decided from the reduced slot, never from this rank's own flag: a signal that lands
         # after the allreduce must not make this rank stop one step before the others.

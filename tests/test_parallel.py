@@ -145,3 +145,26 @@ def test_data_parallel_example_equals_one_process():
     assert losses[-1] < losses[0]
     for name in params:
         assert np.max(np.abs(params[name] - ref_params[name])) < 1e-10
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("bucket_mb", [1e-4, 3e-4, 100.0])
+def test_overlapped_bucket_allreduce_equals_one_process(bucket_mb):
+    comm = mpi_comm()
+    overlapped = train(comm, bucket_mb=bucket_mb, optimizer="momentum")
+    assert overlapped.overlap and len(overlapped.parallel.buckets) >= (2 if bucket_mb < 1 else 1)
+    reference = train(LocalCommunicator(), optimizer="momentum")
+    assert np.max(np.abs(overlapped.flat.values - reference.flat.values)) < 1e-10
+    assert overlapped.history[-1]["train_loss"] == pytest.approx(reference.history[-1]["train_loss"], rel=1e-10)
+    assert_bitwise_identical_across_ranks(comm, overlapped)
+
+
+def test_buckets_cover_the_gradient_buffer_from_its_end():
+    trainer = train(LocalCommunicator(), bucket_mb=1e-4, epochs=1)
+    buckets = trainer.parallel.buckets
+    assert buckets[0][1] == trainer.flat.grads.size  # the extra slots ride with the first
+    assert buckets[-1][0] == 0
+    for (start, _, _), (_, stop, _) in zip(buckets, buckets[1:]):
+        assert stop == start  # contiguous, no gaps, no overlaps
+    reference = train(LocalCommunicator(), epochs=1)
+    assert np.array_equal(trainer.flat.values, reference.flat.values)

@@ -1,0 +1,28 @@
+"""`dpflow bench` smoke test: it runs on a tiny model and prints valid JSON. Speed itself is
+measured by scripts/bench into BENCHMARKS.md, never asserted here."""
+
+import json
+
+import pytest
+
+KEYS = ("samples_per_sec", "step_ms", "forward_ms", "backward_ms", "sync_ms", "update_ms",
+        "raw_allreduce_ms", "gemm_only_ms", "world_size", "peak_rss_mb")
+
+
+@pytest.mark.parametrize("ranks,extra", [(None, []), (2, []), (2, ["--bucket-mb", "0.001"]), (2, ["--no-sync"])])
+def test_bench_prints_valid_json(dpflow, ranks, extra):
+    result = dpflow("bench", "--features", "20", "--hidden", "16,8", "--classes", "3", "--batch-size", "32",
+                    "--steps", "5", "--warmup", "2", "--json", *extra, ranks=ranks, timeout=60)
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    for key in KEYS:
+        assert key in report, key
+    assert report["world_size"] == (ranks or 1)
+    assert report["samples_per_sec"] > 0 and report["step_ms"] > 0 and report["gemm_only_ms"] > 0
+    assert report["reducer"] == ("none" if "--no-sync" in extra else "flat")
+
+
+def test_bench_text_report(dpflow):
+    result = dpflow("bench", "--features", "20", "--hidden", "16", "--classes", "3", "--batch-size", "16",
+                    "--steps", "3", "--warmup", "1", timeout=60)
+    assert result.returncode == 0 and "samples/s" in result.stdout and "GEMMs alone" in result.stdout
