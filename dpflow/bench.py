@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from .config import TrainConfig, parse_hidden
+from .config import TrainConfig, UsageError, parse_hidden
 from .data import Dataset, shard_bounds
 from .trainer import Trainer
 
@@ -33,6 +33,12 @@ def add_bench_arguments(parser):
     parser.add_argument("--no-sync", action="store_true",
                         help="skip the gradient allreduce: the compute-only ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--predict", action="store_true",
+                        help="measure allreduce latency and bandwidth here, fit the ring / recursive-"
+                             "doubling cost model, and predict step time at 8 to 1,024 nodes")
+    parser.add_argument("--network-alpha-us", type=float, default=None,
+                        help="per-message latency of the cluster network for --predict, in "
+                             "microseconds (default: the value measured here, at least 25)")
 
 
 def peak_rss_mb():
@@ -92,6 +98,8 @@ def current_rss_mb():
 
 
 def run_bench(args, comm):
+    if args.predict:
+        return run_predict(args, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
     trainer = bench_trainer(args, comm)
     dtype, flat = trainer.dtype, trainer.flat
@@ -177,4 +185,106 @@ def format_report(r):
     ]
     if r["sync_bandwidth_gb_s"]:
         lines.insert(7, f"  sync bandwidth   {r['sync_bandwidth_gb_s']:>12.2f} GB/s")
+    return "\n".join(lines)
+
+
+# --- the cost model, from measured alpha and beta --------------------------------------------
+
+PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)
+NETWORKS_GBPS = (10, 25, 100)
+
+
+def measure_allreduce_curve(comm, dtype, repeats=30):
+    """[(bytes, seconds)] of in-place Allreduce from 8 bytes to 16 MB. Collective."""
+    curve = []
+    for exponent in range(3, 25, 2):
+        n_values = max(1, (1 << exponent) // np.dtype(dtype).itemsize)
+        curve.append((n_values * np.dtype(dtype).itemsize, time_raw_allreduce(comm, n_values, dtype, repeats)))
+    return curve
+
+
+def compute_seconds(args, comm, hidden):
+    """Forward + backward + update at this run's per-rank batch, without any allreduce: what one
+    node spends per step when its ranks run side by side, as they do here. Collective."""
+    bench_args = argparse_namespace(args, hidden=hidden, no_sync=True, bucket_mb=0.0)
+    trainer = bench_trainer(bench_args, comm)
+    permutation, batch = np.arange(args.batch_size), [(0, args.batch_size)]
+    for _ in range(5):
+        trainer.train_step(permutation, batch)
+    comm.barrier()
+    started = time.perf_counter()
+    steps = 20
+    for _ in range(steps):
+        trainer.train_step(permutation, batch)
+    elapsed = np.array([(time.perf_counter() - started) / steps])
+    comm.allreduce_max(elapsed)
+    return float(elapsed[0]), trainer.flat.param_grads.nbytes
+
+
+def argparse_namespace(args, **changes):
+    import argparse
+
+    values = dict(vars(args))
+    values.update(changes)
+    return argparse.Namespace(**values)
+
+
+def run_predict(args, comm):
+    from . import costmodel
+
+    if comm.size < 2:
+        raise UsageError("dpflow bench --predict measures an allreduce: run it under mpiexec -n 2 (or more)")
+    curve = measure_allreduce_curve(comm, np.float32)
+    alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
+    network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
+                     else max(alpha, 25e-6))
+    sizes = [int(h) for h in args.hidden.split(",")]
+    models = {"MLP " + "-".join(map(str, [args.features, *sizes, args.classes])): sizes,
+              "10x larger": [int(round(h * 5)) for h in sizes]}
+    rows = []
+    for label, hidden in models.items():
+        seconds, grad_bytes = compute_seconds(args, comm, ",".join(map(str, hidden)))
+        for gbps in NETWORKS_GBPS:
+            net_beta = costmodel.line_rate_beta(gbps)
+            crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta)
+            for nodes in PREDICT_NODES:
+                prediction = costmodel.predict(nodes, grad_bytes, seconds, network_alpha, net_beta)
+                rows.append({"model": label, "params_mb": grad_bytes / 1e6, "compute_ms": 1e3 * seconds,
+                             "gbps": gbps, "crossover_nodes": crossover, **prediction})
+    if comm.is_root:
+        report = {"measured": {"world_size": comm.size, "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
+                               "curve": curve},
+                  "network_alpha_us": network_alpha * 1e6, "per_node_batch": args.batch_size,
+                  "predictions": rows}
+        if args.json:
+            print(json.dumps(report))
+        else:
+            print(format_prediction(report))
+    return 0
+
+
+def format_prediction(report):
+    measured = report["measured"]
+    lines = [
+        f"allreduce measured here on {measured['world_size']} ranks: alpha {measured['alpha_us']:.2f} us, "
+        f"bandwidth 1/beta {measured['beta_gb_s']:.2f} GB/s",
+        f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at 90% of line rate; "
+        f"weak scaling, {report['per_node_batch']} samples per node per step, no overlap",
+        "",
+        f"{'model':<22} {'grad MB':>8} {'Gb/s':>5} {'nodes':>6} {'compute ms':>11} {'allreduce ms':>13} "
+        f"{'step ms':>9} {'efficiency':>10}  algorithm",
+    ]
+    for row in report["predictions"]:
+        lines.append(
+            f"{row['model']:<22} {row['params_mb']:>8.2f} {row['gbps']:>5} {row['nodes']:>6} "
+            f"{row['compute_ms']:>11.2f} {1e3 * row['comm_s']:>13.2f} {1e3 * row['step_s']:>9.2f} "
+            f"{row['efficiency']:>10.1%}  {row['algorithm']}")
+    lines.append("")
+    seen = set()
+    for row in report["predictions"]:
+        key = (row["model"], row["gbps"])
+        if key not in seen:
+            seen.add(key)
+            where = f"{row['crossover_nodes']} nodes" if row["crossover_nodes"] else "beyond 1M nodes"
+            lines.append(f"communication outweighs compute: {row['model']} at {row['gbps']} Gb/s from {where}")
     return "\n".join(lines)
