@@ -81,7 +81,7 @@ def bench_trainer(args, comm):
     """A Trainer on random data of exactly one global batch: every step is the real
     `train_step` of `dpflow train`, on the same rows."""
     rng = np.random.default_rng(1234)
-    x = rng.standard_normal((args.batch_size, args.features))
+    x = rng.standard_normal((args.batch_size, args.features), dtype=np.float32).astype(args.dtype)
     y = rng.integers(0, args.classes, args.batch_size)
     data = Dataset("bench", x, y, x[:1], y[:1], args.classes)
     config = TrainConfig(dataset="bench", hidden=parse_hidden(args.hidden), batch_size=args.batch_size,

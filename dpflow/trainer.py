@@ -214,7 +214,9 @@ class Trainer:
 
         # The reduced buffer is the same on every rank, so these decisions are too.
         global_loss = float(flat.extra[LOSS_SLOT]) / global_rows
-        finite = math.isfinite(global_loss) and math.isfinite(float(flat.param_grads.sum(dtype=np.float64)))
+        # One BLAS dot (0.03 ms for 2 MB; a float64 sum takes 6x longer): NaN or inf anywhere
+        # makes it non-finite, and so does a gradient norm past float range, also divergence.
+        finite = math.isfinite(global_loss) and math.isfinite(float(flat.param_grads @ flat.param_grads))
         if not finite:
             if self.config.on_nonfinite == "stop":
                 where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
