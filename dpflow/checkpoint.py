@@ -80,7 +80,7 @@ def list_checkpoints(directory):
     """Checkpoint paths in the directory, newest (highest step) first."""
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except OSError:  # missing, not a directory, unreadable: no checkpoints to find there
         return []
     found = sorted((int(m.group(1)), name) for name in names if (m := NAME.match(name)))
     return [os.path.join(directory, name) for _, name in reversed(found)]

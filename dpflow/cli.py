@@ -124,8 +124,16 @@ def agree(comm, action):
     return result
 
 
-def check_writable(directory):
-    """Create the checkpoint directory if needed and prove a file can be written there."""
+def check_checkpoint_dir(directory, resume):
+    """Create the checkpoint directory if needed and prove a file can be written there.
+    A new run never writes into another run's checkpoints: pruning would delete them."""
+    from .checkpoint import list_checkpoints
+
+    if not resume and list_checkpoints(directory):
+        raise UsageError(
+            f"--checkpoint-dir {directory} already holds checkpoints of another run; pass --resume to "
+            "continue that run, or choose an empty directory"
+        )
     try:
         os.makedirs(directory, exist_ok=True)
         probe = os.path.join(directory, f".write-test-{os.getpid()}")
@@ -249,7 +257,7 @@ def run_train(args, comm):
                                             config.classes, config.seed))
     trainer = agree(comm, lambda: Trainer(config, comm, data))
     if config.checkpoint_dir:
-        agree(comm, lambda: check_writable(config.checkpoint_dir) if comm.is_root else None)
+        agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume) if comm.is_root else None)
     for name in ("metrics", "save"):
         if getattr(config, name):
             agree(comm, lambda: check_parent_writable(name, getattr(config, name)) if comm.is_root else None)
@@ -414,7 +422,8 @@ def run_plot(args, comm):
 # --- entry point ----------------------------------------------------------------------------
 
 def build_parser():
-    parser = ArgumentParser(prog="dpflow", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="dpflow", description="Data-parallel MLP training over MPI, MiniFlow-style. "
+                            "Start with `mpirun -n 4 dpflow train`; `dpflow COMMAND --help` for each command.")
     parser.add_argument("--version", action="version", version=f"dpflow {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     train = commands.add_parser(

@@ -195,6 +195,15 @@ def test_unwritable_checkpoint_dir(dpflow, tmp_path):
     assert result.returncode == 2 and "--checkpoint-dir" in result.stderr and "not writable" in result.stderr, result
 
 
+def test_a_new_run_never_overwrites_another_runs_checkpoints(dpflow, tmp_path):
+    first = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert first.returncode == 0, first
+    before = snapshot(tmp_path / "ck")
+    again = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
+    assert snapshot(tmp_path / "ck") == before
+
+
 def test_checkpoint_from_a_different_model_is_refused_and_left_intact(dpflow, tmp_path):
     first = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
     assert first.returncode == 0, first
