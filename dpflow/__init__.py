@@ -16,11 +16,11 @@ from .graph import (  # noqa: E402
     GraphError, Input, Layer, backward_pass, feed, forward_and_backward, forward_pass,
     sgd_update, sort_layers, topological_sort,
 )
-from .layers import MSE, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
+from .layers import MSE, Activation, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
 from .model import MLP  # noqa: E402
 
 __all__ = [
-    "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "ReLU", "Sigmoid",
+    "Activation", "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "ReLU", "Sigmoid",
     "SoftmaxCrossEntropy", "Tanh", "backward_pass", "feed", "forward_and_backward",
     "forward_pass", "sgd_update", "sort_layers", "topological_sort",
 ]

@@ -55,82 +55,68 @@ class Linear(Layer):
             grad, axis=0, out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
 
 
-class Sigmoid(Layer):
+class Activation(Layer):
+    """An element-wise function of one inbound layer: `compute` is the function, `chain`
+    multiplies the incoming gradient by its derivative."""
+
+    def __init__(self, inbound, name=None):
+        super().__init__([inbound], name=name)
+
+    def forward(self):
+        x = self.inbound_layers[0].value
+        self.value = self.compute(x, out=self.scratch("value", x.shape, x.dtype))
+
+    def backward(self):
+        inbound = self.inbound_layers[0]
+        out = self.gradient_target(inbound, self.value.shape, self.value.dtype)
+        grad = self.output_gradient()
+        if grad is None:
+            out.fill(0)
+        else:
+            self.chain(grad, out)
+        self.gradients[inbound] = out
+
+
+class Sigmoid(Activation):
     """s = 1 / (1 + exp(-x)), computed as (1 + tanh(x / 2)) / 2, which cannot overflow."""
 
-    def __init__(self, inbound, name=None):
-        super().__init__([inbound], name=name)
+    def compute(self, x, out):
+        np.multiply(x, 0.5, out=out)
+        np.tanh(out, out=out)
+        out += 1
+        out *= 0.5
+        return out
 
-    def forward(self):
-        x = self.inbound_layers[0].value
-        s = np.multiply(x, 0.5, out=self.scratch("s", x.shape, x.dtype))
-        np.tanh(s, out=s)
-        s += 1
-        s *= 0.5
-        self.value = s
-
-    def backward(self):
+    def chain(self, grad, out):
         """ds/dx = s * (1 - s)"""
-        s = self.value
-        grad = self.output_gradient()
-        inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, s.shape, s.dtype)
-        if grad is None:
-            out.fill(0)
-        else:
-            np.subtract(1, s, out=out)
-            out *= s
-            out *= grad
-        self.gradients[inbound] = out
+        np.subtract(1, self.value, out=out)
+        out *= self.value
+        out *= grad
 
 
-class Tanh(Layer):
+class Tanh(Activation):
     """t = tanh(x)"""
 
-    def __init__(self, inbound, name=None):
-        super().__init__([inbound], name=name)
+    def compute(self, x, out):
+        return np.tanh(x, out=out)
 
-    def forward(self):
-        x = self.inbound_layers[0].value
-        self.value = np.tanh(x, out=self.scratch("t", x.shape, x.dtype))
-
-    def backward(self):
+    def chain(self, grad, out):
         """dt/dx = 1 - t**2"""
-        t = self.value
-        grad = self.output_gradient()
-        inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, t.shape, t.dtype)
-        if grad is None:
-            out.fill(0)
-        else:
-            np.multiply(t, t, out=out)
-            np.subtract(1, out, out=out)
-            out *= grad
-        self.gradients[inbound] = out
+        np.multiply(self.value, self.value, out=out)
+        np.subtract(1, out, out=out)
+        out *= grad
 
 
-class ReLU(Layer):
+class ReLU(Activation):
     """r = max(x, 0)"""
 
-    def __init__(self, inbound, name=None):
-        super().__init__([inbound], name=name)
+    def compute(self, x, out):
+        return np.maximum(x, 0, out=out)
 
-    def forward(self):
-        x = self.inbound_layers[0].value
-        self.value = np.maximum(x, 0, out=self.scratch("r", x.shape, x.dtype))
-
-    def backward(self):
+    def chain(self, grad, out):
         """dr/dx = 1 where x > 0, else 0"""
-        r = self.value
-        grad = self.output_gradient()
-        inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, r.shape, r.dtype)
-        if grad is None:
-            out.fill(0)
-        else:
-            positive = np.greater(r, 0, out=self.scratch("mask", r.shape, bool))
-            np.multiply(grad, positive, out=out)
-        self.gradients[inbound] = out
+        positive = np.greater(self.value, 0, out=self.scratch("mask", self.value.shape, bool))
+        np.multiply(grad, positive, out=out)
 
 
 class Loss(Layer):
