@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import time
 import traceback
 from collections import Counter
 
@@ -276,6 +277,9 @@ def run_train(args, comm):
             f"(stuck at {where}); another rank died or the network is cut. Aborting the job "
             f"(--stall-timeout {config.stall_timeout:g}).\n")
         sys.stderr.flush()
+        # MPI_Abort kills the other ranks at once and can overtake this message on its way
+        # through the launcher; a second's grace lets it arrive (seen with a cut link).
+        time.sleep(1)
         comm.abort(1)
 
     watchdog = Watchdog(config.stall_timeout, on_stall) if comm.size > 1 else None

@@ -1,7 +1,7 @@
 """Multi-host runs on one machine: scripts/cluster builds isolated hosts from namespaces.
 
-Each test launches `scripts/cluster` (root and `ip netns` needed, else skipped) with a
-timeout it asserts on, and checks that the run left nothing behind: no namespace, no
+Each test launches `scripts/cluster` (root, `ip netns` and mpiexec needed, else skipped,
+with the reason shown by `pytest -rs`) with a timeout it asserts on, and checks that the run left nothing behind: no namespace, no
 /etc/netns entry, no mount, no process, no link in the machine's own namespace.
 The hosts have private /tmp and /dev/shm; the cluster shares its working directory with
 them, so every run here works in its own tmp_path.
@@ -32,7 +32,8 @@ def tool(name):
     return str(path) if path.exists() else shutil.which(name)
 
 
-def why_no_namespaces():
+def why_no_cluster():
+    """Why scripts/cluster cannot run here, or None."""
     if os.geteuid() != 0:
         return "scripts/cluster needs root for network namespaces (run the tests as root)"
     for name in ("ip", "unshare", "nsenter"):
@@ -41,6 +42,8 @@ def why_no_namespaces():
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
     if listed.returncode != 0:
         return f"`ip netns` does not work here: {listed.stderr.strip()}"
+    if tool("mpiexec") is None:
+        return "no mpiexec in this venv or on PATH: `source scripts/_setup.sh` first"
     return None
 
 
@@ -53,9 +56,9 @@ def mpi_flavor():
     return "openmpi" if "Open MPI" in version else "mpich"
 
 
-NO_NAMESPACES = why_no_namespaces()
+NO_CLUSTER = why_no_cluster()
 FLAVOR = mpi_flavor()
-pytestmark = pytest.mark.skipif(NO_NAMESPACES is not None, reason=NO_NAMESPACES or "")
+pytestmark = pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")
 
 needs_dpflow = pytest.mark.skipif(
     tool("dpflow") is None, reason="the dpflow console script is not installed: "
@@ -123,7 +126,11 @@ def processes_mentioning(text):
     return [pid for pid in found if int(pid) != os.getpid()]
 
 
-def assert_nothing_left(run_id):
+def assert_nothing_left(run_id, stderr):
+    """No trace of the run: names, mounts, processes, links, and its hosts' inits (whose
+    death took every process of their PID namespaces with them)."""
+    inits = host_pids(stderr)  # none when the options were refused
+    assert not [pid for pid in inits.values() if alive(pid)], inits
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert f"-{run_id}-" not in netns, netns
     assert glob.glob(f"/etc/netns/*{run_id}*") == []
@@ -141,12 +148,12 @@ def host_pids(stderr):
 
 
 def alive(pid):
+    """Running, not merely a zombie waiting to be reaped."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
         return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 # --- the cluster itself, with a small mpi4py program ------------------------------------
@@ -178,6 +185,7 @@ def test_hosts_are_isolated_and_talk_over_their_links(tmp_path):
     assert [r["rank"] for r in ranks] == [0, 1, 2, 3], out
     assert {r["size"] for r in ranks} == {4}
     assert [r["host"] for r in ranks] == ["node0", "node0", "node1", "node1"]
+    assert sorted(host_pids(err)) == ["node0", "node1"], err
     mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ranks[0]["ns"]}
     for ns in mine:
         assert ranks[0]["ns"][ns] == ranks[1]["ns"][ns], ns  # same host, same namespaces
@@ -190,7 +198,7 @@ def test_hosts_are_isolated_and_talk_over_their_links(tmp_path):
     for host in ("node0", "node1"):
         assert traffic[host]["sent_bytes"] > 2 << 20, traffic
         assert traffic[host]["received_bytes"] > 2 << 20, traffic
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
 
 def test_failing_job_returns_its_status_and_leaves_nothing(tmp_path):
@@ -198,12 +206,12 @@ def test_failing_job_returns_its_status_and_leaves_nothing(tmp_path):
         ["--hosts", "2", "--", sys.executable, "-c", "import sys; sys.exit(3)"],
         tmp_path, timeout=60)
     assert status == 3, err  # MPICH passes the ranks' exit status on
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
     run_id, status, out, err, _ = run_cluster(
         ["--hosts", "2", "--", "no-such-command-here"], tmp_path, timeout=60)
     assert status != 0, err
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
 
 def test_bad_options_exit_125_and_build_nothing(tmp_path):
@@ -212,7 +220,7 @@ def test_bad_options_exit_125_and_build_nothing(tmp_path):
         run_id, status, out, err, _ = run_cluster(args, tmp_path, timeout=30)
         assert status == 125, (args, err)
         assert "error" in err, err
-        assert_nothing_left(run_id)
+        assert_nothing_left(run_id, err)
 
 
 def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
@@ -226,7 +234,7 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
     status, out, err, seconds = finish(process, timeout=30)
     assert status == 128 + signal.SIGTERM, err
     assert seconds < 15
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
     # SIGKILL: no chance to clean up; the hosts die with it (parent-death signal), and
     # the names it left are removed by --cleanup-stale (or by the next run).
@@ -234,7 +242,7 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
     process = start_cluster(sleep, tmp_path, run_id)
     state = wait_until_running(run_id)
     process.kill()
-    finish(process, timeout=10)
+    _, _, err, _ = finish(process, timeout=10)
     pids = [host["init_pid"] for host in state["hosts"].values()]
     deadline = time.monotonic() + 10
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
@@ -244,7 +252,7 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
                              capture_output=True, text=True, timeout=30)
     assert cleanup.returncode == 0, cleanup.stderr
     assert f"removed stale run {run_id}" in cleanup.stderr
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
 
 def wait_until_running(run_id, timeout=20):
@@ -324,8 +332,8 @@ def test_training_across_hosts_equals_one_process(tmp_path, single_process_param
     # Every step's gradients crossed the links: at least 1 MB left and reached each host.
     for host in range(hosts):
         counts = report["traffic"][f"node{host}"]
-        assert counts["sent_bytes"] > 1e6 and counts["received_bytes"] > 1e6, traffic
-    assert_nothing_left(run_id)
+        assert counts["sent_bytes"] > 1e6 and counts["received_bytes"] > 1e6, report
+    assert_nothing_left(run_id, err)
 
 
 FAULT_EPOCHS = 400  # far more than the fault leaves time for; a healthy run is never awaited
@@ -395,7 +403,7 @@ def test_cut_link_ends_the_job_and_keeps_the_checkpoint(tmp_path):
         assert status == 124, err  # the cluster's hard kill
     # mpiexec ended the ranks it could reach; only the cut-off host may still run its own.
     assert set(report["left_running"]) <= {"node1"}, report
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
 
 
 @needs_dpflow
@@ -412,4 +420,4 @@ def test_killed_host_ends_the_job_and_keeps_the_checkpoint(tmp_path):
         assert status == 255, err  # hydra lost a proxy and ended the job
     # (Open MPI 5.0.11's mpirun returns 0 here: the checks on the ranks are what count.)
     assert report["left_running"] == {}, report  # no rank survived on node0 or node2
-    assert_nothing_left(run_id)
+    assert_nothing_left(run_id, err)
