@@ -7,24 +7,9 @@ node divided by the ranks on that node (launchers export that count), and at lea
 
 import os
 
+from .launcher import cores, local_ranks
+
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# Ranks on this node, as each launcher exports it: MPICH's hydra, Open MPI, Slurm.
-LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
-
-
-def local_ranks(environ):
-    for name in LOCAL_SIZE_VARIABLES:
-        value = environ.get(name, "").split("(")[0]  # Slurm may say "2(x3)"
-        if value.isdigit() and int(value) > 0:
-            return int(value)
-    return 1
-
-
-def cores():
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def blas_threads(environ=os.environ):

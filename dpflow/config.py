@@ -1,10 +1,12 @@
 """The training configuration: defaults with their reasons, TOML files, and validation.
 
-Every check here is a pure function of the flags and the file, so every rank reaches the
-same decision; the CLI still agrees on it collectively, in case a file differs per node.
+Every check here is a pure function of the flags and the file. A config file may still
+differ between nodes, so the CLI shares each rank's verdict (`agree`) and then compares the
+resolved settings of all ranks (`check_same_on_every_rank`).
 """
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 
@@ -156,6 +158,10 @@ def validate(config):
         value = getattr(config, name)
         if value not in allowed:
             raise UsageError(f"{flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
+    for name in POSITIVE + NON_NEGATIVE:
+        value = getattr(config, name)
+        if not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value!r}")
     for name in POSITIVE:
         value = getattr(config, name)
         if not value > 0:

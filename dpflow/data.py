@@ -219,7 +219,7 @@ def load_dataset(spec="digits", samples=4000, features=20, classes=4, seed=0):
     if spec == "digits":
         return check_dataset(load_digits())
     if spec == "spirals":
-        return check_dataset(make_spirals(samples, classes if classes else 3, seed))
+        return check_dataset(make_spirals(samples, classes, seed))
     if spec == "synthetic":
         return check_dataset(make_synthetic(samples, features, classes, seed))
     path = os.fspath(spec)

@@ -47,11 +47,6 @@ class MLP:
         self.params = {name: params[name] for name in sorted(params)}
         self.graph = sort_layers([self.inputs, self.labels, *self.params.values()])
         assert self.graph[-1] is self.loss
-        # Forward for evaluation stops at the logits: no loss gradient state to disturb.
-        self.forward_graph = self.graph[: self.graph.index(self.logits) + 1]
-
-    def parameter_shapes(self):
-        return {name: tuple(p.value.shape) for name, p in self.params.items()}
 
     def parameter_count(self):
         return sum(p.value.size for p in self.params.values())

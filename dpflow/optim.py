@@ -24,10 +24,8 @@ class Optimizer:
         return self.scratch
 
     def state_dict(self):
+        """The optimizer's state: its live arrays (write into them to restore it) and steps."""
         return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = int(state["steps"])
 
 
 class SGD(Optimizer):
@@ -54,10 +52,6 @@ class SGD(Optimizer):
             state["velocity"] = self.velocity
         return state
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        if self.velocity is not None:
-            self.velocity[...] = state["velocity"]
 
 
 class Adam(Optimizer):
@@ -92,10 +86,6 @@ class Adam(Optimizer):
     def state_dict(self):
         return {**super().state_dict(), "m": self.m, "v": self.v}
 
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.m[...] = state["m"]
-        self.v[...] = state["v"]
 
 
 def create_optimizer(name, size, dtype, lr, momentum=0.9, weight_decay=0.0):

@@ -26,8 +26,7 @@ def faulty_step(self, permutation, micro_batches):
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         if kind == "exit":
             os._exit(3)
-        if kind == "nan":
-            self.model.inputs.value = None  # replaced below by a NaN batch
+        if kind == "nan":  # from now on this rank's batches are all NaN
             self.x_train = np.full_like(self.x_train, np.nan)
     return original_step(self, permutation, micro_batches)
 

@@ -57,7 +57,7 @@ def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_empty_directory(tmp_path):
-    with pytest.raises(CheckpointError, match="no checkpoint in"):
+    with pytest.raises(CheckpointError, match=r"no checkpoint \(ckpt-\*\.dpf\) in"):
         load_latest_valid(str(tmp_path))
 
 

@@ -230,7 +230,7 @@ def test_nan_on_one_rank_is_seen_by_all_and_can_be_skipped():
     skipped = run([sys.executable, INJECT, "1", "3", "nan", "train", "--epochs", "2", "--on-nonfinite", "skip"],
                   ranks=3, timeout=60)
     assert skipped.returncode == 0, skipped
-    assert "step 3: non-finite loss or gradient; step skipped" in skipped.stdout
+    assert "step 3: non-finite loss or gradient; step skipped" in skipped.stderr
 
 
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(dpflow, tmp_path):
@@ -270,7 +270,7 @@ def test_damaged_checkpoints_fall_back_or_stop_clearly(dpflow, tmp_path):
     open(middle, "wb").write(bytes(data))
     result = dpflow("train", "--epochs", "4", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
     assert result.returncode == 0, result
-    assert "ckpt-000000069.dpf is damaged" in result.stdout and "ckpt-000000046.dpf is damaged" in result.stdout
+    assert "ckpt-000000069.dpf is damaged" in result.stderr and "ckpt-000000046.dpf is damaged" in result.stderr
     assert "resumed from" in result.stdout and "ckpt-000000023.dpf" in result.stdout
     # With every checkpoint damaged: a clear error, exit 2, and the files are left alone.
     for path in list_checkpoints(str(tmp_path / "ck")):
@@ -280,3 +280,104 @@ def test_damaged_checkpoints_fall_back_or_stop_clearly(dpflow, tmp_path):
     result = dpflow("train", "--epochs", "6", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
     assert result.returncode == 2 and "no valid checkpoint" in result.stderr, result
     assert snapshot(tmp_path / "ck") == before
+
+
+def test_ranks_with_different_core_counts_still_agree_on_the_collectives(tmp_path):
+    """One rank pinned to one core thinks its node is oversubscribed, the other not: they
+    must still call the same collective (a mismatch hangs at step 1)."""
+    if not shutil.which("taskset"):
+        pytest.skip("taskset is not installed")
+    train = [*dpflow_command(), "train", "--epochs", "2", "--stall-timeout", "20"]
+    result = run([mpiexec(), "-n", "1", "taskset", "-c", "0", *train, ":", "-n", "1", *train], timeout=60)
+    assert result.returncode == 0, result
+    assert "done: test accuracy" in result.stdout
+
+
+@pytest.mark.parametrize("first,second,message", [
+    (["--epochs", "1"], ["--epochs", "2"], "rank 1 was given a different run: epochs 2 (rank 0: 1)"),
+    (["--seed", "0"], ["--seed", "1"], "seed 1 (rank 0: 0)"),
+    (["--samples", "400"], ["--samples", "410"], "samples 410 (rank 0: 400)"),
+])
+def test_ranks_given_different_runs_are_refused(first, second, message):
+    """MPMD launches stand in for a stale config file or dataset on one node."""
+    base = [*dpflow_command(), "train", "--dataset", "synthetic"]
+    result = run([mpiexec(), "-n", "1", *base, *first, ":", "-n", "1", *base, *second], timeout=60)
+    assert result.returncode == 2 and result.stderr.count("dpflow: error:") == 1, result
+    assert message in result.stderr and "same flags, config file and dataset" in result.stderr
+
+
+def test_mpi4py_on_another_mpi_than_the_launcher_is_a_clear_error(dpflow):
+    # As under Debian's python3-mpi4py with MPICH's mpiexec: the launcher says 3 ranks,
+    # but MPI initialises a world of 1.
+    result = dpflow("info", env={"OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_RANK": "0"})
+    assert result.returncode == 2, result
+    assert "the launcher started 3 ranks but MPI sees a world of 1" in result.stderr
+
+
+def test_resume_with_another_optimizer_is_refused(dpflow, tmp_path):
+    first = dpflow("train", "--epochs", "1", "--optimizer", "sgd", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert first.returncode == 0, first
+    before = snapshot(tmp_path / "ck")
+    result = dpflow("train", "--epochs", "2", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    assert result.returncode == 2, result
+    assert "was trained with --optimizer 'sgd' (now 'momentum')" in result.stderr
+    assert snapshot(tmp_path / "ck") == before
+
+
+def test_a_garbled_latest_pointer_falls_back_to_the_checkpoints(dpflow, tmp_path):
+    first = dpflow("train", "--epochs", "2", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+    assert first.returncode == 0
+    (tmp_path / "ck" / "latest").write_bytes(b"\xff\x00garbage")
+    result = dpflow("train", "--epochs", "3", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    assert result.returncode == 0, result
+    assert "resumed from" in result.stdout and "ckpt-000000046.dpf" in result.stdout
+
+
+@pytest.mark.parametrize("option", ["--metrics", "--save"])
+def test_output_paths_that_are_directories_are_refused_before_training(dpflow, tmp_path, option):
+    result = dpflow("train", option, tmp_path, ranks=2)
+    assert result.returncode == 2 and f"{option} {tmp_path} is a directory" in result.stderr, result
+    assert "epoch" not in result.stdout
+
+
+def test_skipped_steps_leave_the_epoch_loss_finite_and_the_metrics_valid_json(tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    result = run([sys.executable, INJECT, "1", "3", "nan", "train", "--epochs", "2", "--on-nonfinite", "skip",
+                  "--metrics", str(metrics)], ranks=3, timeout=60)
+    assert result.returncode == 0, result
+    import json
+
+    records = [json.loads(line) for line in open(metrics)]  # strict JSON: no NaN literals
+    assert records[0]["train_loss"] is not None and records[0]["train_loss"] > 0
+    assert records[1]["train_loss"] is None  # every step of epoch 2 was skipped
+
+
+def test_eval_on_more_ranks_than_the_training_batch(dpflow, tmp_path):
+    trained = dpflow("train", "--epochs", "1", "--batch-size", "2", "--checkpoint-dir", tmp_path / "ck")
+    assert trained.returncode == 0, trained
+    result = dpflow("eval", "--checkpoint", tmp_path / "ck", ranks=3)
+    assert result.returncode == 0 and "rows 360" in result.stdout, result
+    missing = dpflow("eval", "--checkpoint", tmp_path / "nothing-here", ranks=2)
+    assert missing.returncode == 2 and "--checkpoint" in missing.stderr and "no such file" in missing.stderr
+
+
+def test_ctrl_c_stops_every_rank_with_a_checkpoint(tmp_path):
+    process, metrics = start_training(tmp_path, "--epochs", "400", "--checkpoint-dir", tmp_path / "ck",
+                                      "--checkpoint-every", "1000")
+    wait_for(lambda: steps_logged(metrics) > 30, 60, "training to start")
+    os.killpg(process.pid, signal.SIGINT)
+    code, stdout, stderr, seconds = finish(process, 30)
+    assert code == 130 and "stopped by SIGINT" in stderr, (code, stderr)
+    path, arrays, meta = load_latest_valid(str(tmp_path / "ck"))
+    assert meta["global_step"] >= 30
+
+
+def test_a_failing_checkpoint_write_ends_the_job(tmp_path):
+    """The writer runs in a thread on rank 0: its failure must still end every rank."""
+    process, metrics = start_training(tmp_path, "--epochs", "400", "--checkpoint-dir", tmp_path / "ck")
+    wait_for(lambda: len(list_checkpoints(str(tmp_path / "ck"))) >= 1, 60, "a first checkpoint")
+    os.rename(tmp_path / "ck", tmp_path / "ck-moved")
+    (tmp_path / "ck").write_text("a file where the checkpoint directory was")
+    code, stdout, stderr, seconds = finish(process, 30)
+    assert code != 0 and "rank 0 on" in stderr and "failed:" in stderr, (code, stderr)
+    assert read_checkpoint(list_checkpoints(str(tmp_path / "ck-moved"))[0])  # the old ones are intact

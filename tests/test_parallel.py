@@ -168,3 +168,13 @@ def test_buckets_cover_the_gradient_buffer_from_its_end():
         assert stop == start  # contiguous, no gaps, no overlaps
     reference = train(LocalCommunicator(), epochs=1)
     assert np.array_equal(trainer.flat.values, reference.flat.values)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0.25, 1.0, 2.5])
+def test_warmup_rises_to_the_target_and_never_past_it(warmup_epochs):
+    trainer = Trainer(TrainConfig(dataset="synthetic", lr=0.1, batch_size=4, warmup_epochs=warmup_epochs),
+                      LocalCommunicator(), small_data())
+    steps = trainer.steps_per_epoch()
+    lrs = [trainer.lr_at(step / steps) for step in range(4 * steps)]
+    assert max(lrs) == pytest.approx(0.1) and lrs[0] < 0.1
+    assert all(a <= b + 1e-15 for a, b in zip(lrs, lrs[1:]))
