@@ -145,6 +145,7 @@ def run_bench(args, comm):
         "sizes": trainer.model.sizes,
         "reducer": "none" if args.no_sync else args.reducer,
         "bucket_mb": args.bucket_mb,
+        "buckets": len(trainer.parallel.buckets) if trainer.overlap else 0,
         "samples_per_sec": args.batch_size / step_s,
         "step_ms": 1e3 * step_s,
         "forward_ms": 1e3 * forward_s,

@@ -232,6 +232,9 @@ class Trainer:
             if self.config.on_nonfinite == "stop":
                 where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                          else "no checkpoint was written")
+                if isinstance(self.x_train, np.memmap):
+                    where += ("; memory-mapped data is not scanned for NaN or inf before training, "
+                              "so check it too (numpy.isfinite)")
                 raise TrainingError(
                     f"the loss or a gradient became NaN or infinite at step {self.global_step + 1} "
                     f"(epoch {self.epoch + 1}); {where}. Lower --lr (now {self.optimizer.lr:g}), "
@@ -293,7 +296,7 @@ class Trainer:
         meta = {"dpflow_version": __version__, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "optimizer_steps": self.optimizer.steps,
                 "samples_seen": self.samples_seen(), "seed": self.config.seed,
-                "config": config_dict(self.config), "history": self.history,
+                "config": config_dict(self.config), "history": list(self.history),
                 "model": {"sizes": self.model.sizes, "activation": self.model.activation,
                           "dtype": self.dtype.name}}
         for key, value in self.optimizer.state_dict().items():

@@ -9,7 +9,7 @@ KEYS = ("samples_per_sec", "step_ms", "forward_ms", "backward_ms", "sync_ms", "u
         "raw_allreduce_ms", "gemm_only_ms", "world_size", "peak_rss_mb")
 
 
-@pytest.mark.parametrize("ranks,extra", [(None, []), (2, []), (2, ["--bucket-mb", "0.001"]), (2, ["--no-sync"])])
+@pytest.mark.parametrize("ranks,extra", [(None, []), (2, []), (2, ["--bucket-mb", "0.0001"]), (2, ["--no-sync"])])
 def test_bench_prints_valid_json(dpflow, ranks, extra):
     result = dpflow("bench", "--features", "20", "--hidden", "16,8", "--classes", "3", "--batch-size", "32",
                     "--steps", "5", "--warmup", "2", "--json", *extra, ranks=ranks, timeout=60)
@@ -20,6 +20,7 @@ def test_bench_prints_valid_json(dpflow, ranks, extra):
     assert report["world_size"] == (ranks or 1)
     assert report["samples_per_sec"] > 0 and report["step_ms"] > 0 and report["gemm_only_ms"] > 0
     assert report["reducer"] == ("none" if "--no-sync" in extra else "flat")
+    assert (report["buckets"] > 1) == ("--bucket-mb" in extra)  # 0.0001 MB splits this model
 
 
 def test_bench_text_report(dpflow):

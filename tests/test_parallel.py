@@ -178,3 +178,23 @@ def test_warmup_rises_to_the_target_and_never_past_it(warmup_epochs):
     lrs = [trainer.lr_at(step / steps) for step in range(4 * steps)]
     assert max(lrs) == pytest.approx(0.1) and lrs[0] < 0.1
     assert all(a <= b + 1e-15 for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("settings", [
+    dict(dtype="float32", optimizer="adam", accumulate=2),
+    dict(dtype="float32", optimizer="momentum", bucket_mb=3e-4),
+    dict(dtype="float64", optimizer="sgd", weight_decay=0.01),
+])
+def test_resume_from_a_checkpoint_is_bitwise_exact(tmp_path, settings):
+    common = dict(dataset="synthetic", hidden=[7, 5], batch_size=5, seed=3, consistency_every=0, **settings)
+    straight = Trainer(TrainConfig(epochs=4, **common), LocalCommunicator(), small_data())
+    straight.fit()
+    first = Trainer(TrainConfig(epochs=2, checkpoint_dir=str(tmp_path), **common), LocalCommunicator(), small_data())
+    first.fit()
+    resumed = Trainer(TrainConfig(epochs=4, checkpoint_dir=str(tmp_path), resume=True, **common),
+                      LocalCommunicator(), small_data())
+    resumed.resume()
+    assert resumed.epoch == 2 and resumed.global_step == first.global_step
+    resumed.fit()
+    assert np.array_equal(straight.flat.values, resumed.flat.values)
+    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
