@@ -278,9 +278,7 @@ def make_watchdog(comm, timeout):
             f"(stuck at {where}); another rank died or the network is cut. Aborting the job "
             f"(--stall-timeout {timeout:g}).\n")
         sys.stderr.flush()
-        # MPI_Abort kills the other ranks at once and can overtake this message on its way
-        # through the launcher; a second's grace lets it arrive (seen with a cut link).
-        time.sleep(1)
+        time.sleep(ABORT_GRACE_SECONDS)
         comm.abort(1)
 
     return Watchdog(timeout if comm.size > 1 else 0, on_stall)
@@ -472,10 +470,17 @@ def build_parser():
 COMMANDS = {"train": run_train, "eval": run_eval, "info": run_info, "plot": run_plot}
 
 
+# Output written just before MPI_Abort can be overtaken by the abort on its way through the
+# launcher (hydra forwards the ranks' output and the abort separately); this much grace lets
+# the line arrive first.
+ABORT_GRACE_SECONDS = 1.0
+
+
 def print_and_abort(comm, line):
     """Rank 0's end of a failure report: print it once, end the job."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+    time.sleep(ABORT_GRACE_SECONDS)
     comm.abort(1)
 
 
@@ -491,11 +496,8 @@ def crash(comm, error):
         sys.stderr.write(line + "\n")
         return 1
     if comm.report_failure_to_root(line):
-        time.sleep(3)  # rank 0 prints the line and aborts the job; if it cannot, we do
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-    time.sleep(0.5)  # let the launcher forward the line before the abort overtakes it
-    comm.abort(1)
+        time.sleep(ABORT_GRACE_SECONDS + 3)  # rank 0 prints the line and aborts the job; if it cannot, we do
+    print_and_abort(comm, line)
 
 
 def main(argv=None):
