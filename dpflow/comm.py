@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 
-from .launcher import cores, launched_by_mpi, launcher_size
+from .launcher import launched_by_mpi, launcher_size
 
 
 
@@ -104,35 +104,19 @@ class MPICommunicator(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
-        # More ranks than cores on a node: a rank waiting in MPI busy-polls and steals the
-        # core from the rank it waits for; waiting by Test + sched_yield hands the core over.
-        # Every rank must call the same collective (Iallreduce or Allreduce), so the ranks
-        # agree on the flag: oversubscribed anywhere means non-blocking everywhere.
-        flag = np.array([self.local_size > cores()], np.int32)
-        self.comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-        self.oversubscribed = bool(flag[0])
         # The channel for failure reports (collective to create, so every rank makes it now).
         self.failures = self.comm.Dup()
         self.threads_may_call_mpi = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self.listener = None
 
     def allreduce_sum(self, buffer):
-        if self.oversubscribed:
-            self.wait([self.start_allreduce_sum(buffer)])
-        else:
-            self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def start_allreduce_sum(self, buffer):
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def wait(self, requests):
-        if not requests:
-            return
-        if self.oversubscribed:
-            for request in requests:
-                while not request.Test():
-                    os.sched_yield()
-        else:
+        if requests:
             self.MPI.Request.Waitall(requests)
 
     def allreduce_max(self, buffer):
