@@ -57,6 +57,17 @@ def time_raw_allreduce(comm, n_values, dtype, repeats):
     return float(np.median(times))
 
 
+def time_trainer_sync(trainer, comm, repeats):
+    """Seconds per `allreduce_gradients()` of the trainer, the median after barriers. Collective."""
+    times = []
+    for _ in range(repeats):
+        comm.barrier()
+        started = time.perf_counter()
+        trainer.parallel.allreduce_gradients()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
 def time_gemms(sizes, rows, dtype, repeats, rng):
     """Seconds for the matrix multiplies of one training step at `rows` rows per rank:
     forward X @ W per layer, backward X.T @ grad per layer and grad @ W.T past the first."""
@@ -129,6 +140,9 @@ def run_bench(args, comm):
     first, last = shard_bounds(args.batch_size, comm.rank, comm.size)
     repeats = max(20, args.steps // 2)
     raw_allreduce = time_raw_allreduce(comm, flat.grads.size, dtype, repeats) if comm.size > 1 else 0.0
+    # The trainer's own reduction, timed like the raw one (after a barrier): what the sync
+    # costs without the wait for a slower rank that the in-step "sync" includes.
+    sync_alone = time_trainer_sync(trainer, comm, repeats) if comm.size > 1 and not args.no_sync else 0.0
     gemm_only = time_gemms(trainer.model.sizes, last - first, dtype, repeats, np.random.default_rng(0))
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
@@ -153,6 +167,7 @@ def run_bench(args, comm):
         "sync_ms": 1e3 * sync_s,
         "update_ms": 1e3 * update_s,
         "raw_allreduce_ms": 1e3 * raw_allreduce,
+        "sync_alone_ms": 1e3 * sync_alone,
         "gemm_only_ms": 1e3 * gemm_s,
         "gradient_bytes": grad_bytes,
         "sync_bandwidth_gb_s": (grad_bytes / sync_s / 1e9) if sync_s > 0 and not args.no_sync and comm.size > 1 else None,
@@ -185,6 +200,7 @@ def format_report(r):
         f"    backward       {r['backward_ms']:>12.3f} ms",
         f"    gradient sync  {r['sync_ms']:>12.3f} ms",
         f"    update         {r['update_ms']:>12.3f} ms",
+        f"  sync alone       {r['sync_alone_ms']:>12.3f} ms (the step's allreduce after a barrier: no waiting for a slower rank)",
         f"  raw Allreduce    {r['raw_allreduce_ms']:>12.3f} ms of {r['gradient_bytes'] / 1e6:.2f} MB",
         f"  GEMMs alone      {r['gemm_only_ms']:>12.3f} ms (the compute limit at this per-rank batch)",
         f"  peak RSS         {r['peak_rss_mb']:>12.1f} MB per rank (max; {r['peak_rss_after_warmup_mb']:.1f} after warmup)",

@@ -38,11 +38,12 @@ def allreduce_seconds(p, n_bytes, alpha, beta):
 
 def fit_alpha_beta(sizes_bytes, seconds, p=2):
     """alpha, beta from allreduce times measured on p ranks, fitted to the ring form
-    t = 2 (p-1) alpha + 2 (p-1)/p n beta by least squares (both coefficients >= 0)."""
+    t = 2 (p-1) alpha + 2 (p-1)/p n beta by least squares on the *relative* error, so
+    that the microsecond times of small messages weigh as much as the large ones."""
     sizes = np.asarray(sizes_bytes, dtype=np.float64)
     times = np.asarray(seconds, dtype=np.float64)
     design = np.column_stack([np.full_like(sizes, 2 * (p - 1)), 2 * (p - 1) / p * sizes])
-    (alpha, beta), *_ = np.linalg.lstsq(design, times, rcond=None)
+    (alpha, beta), *_ = np.linalg.lstsq(design / times[:, None], np.ones_like(times), rcond=None)
     return max(alpha, 0.0), max(beta, 0.0)
 
 

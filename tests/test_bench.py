@@ -6,7 +6,7 @@ import json
 import pytest
 
 KEYS = ("samples_per_sec", "step_ms", "forward_ms", "backward_ms", "sync_ms", "update_ms",
-        "raw_allreduce_ms", "gemm_only_ms", "world_size", "peak_rss_mb")
+        "raw_allreduce_ms", "sync_alone_ms", "gemm_only_ms", "world_size", "peak_rss_mb")
 
 
 @pytest.mark.parametrize("ranks,extra", [(None, []), (2, []), (2, ["--bucket-mb", "0.0001"]), (2, ["--no-sync"])])
