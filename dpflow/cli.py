@@ -92,7 +92,8 @@ def add_train_arguments(parser):
             shown = None
         else:
             shown = default
-        parser.add_argument(flag(name), default=None, metavar=name.upper(), choices=CHOICES.get(name),
+        metavar = None if name in CHOICES else name.upper()  # choices show as {a,b,c}
+        parser.add_argument(flag(name), default=None, metavar=metavar, choices=CHOICES.get(name),
                             help=help_text % {"default": shown} if "%(default)s" in help_text else help_text)
 
 
