@@ -269,20 +269,40 @@ def check_same_on_every_rank(comm, config, data):
             )
 
 
+class Whereabouts:
+    """What this rank is doing, for rank 0's stall survey."""
+
+    watchdog = None
+
+    def __call__(self):
+        return self.watchdog.describe() if self.watchdog else "not training"
+
+
+WHEREABOUTS = Whereabouts()
+SURVEY_SECONDS = 3.0
+
+
 def make_watchdog(comm, timeout):
-    """A Watchdog that, on a stall, says where this rank was stuck and aborts the job."""
+    """A Watchdog that, on a stall, reports and aborts the job. Rank 0 first asks every rank
+    where it is, and names the ranks that never answer: dead, stopped, or cut off."""
     from .trainer import Watchdog
 
     def on_stall(waited, where):
-        sys.stderr.write(
-            f"dpflow: rank {comm.rank} on {comm.hostname()}: no progress for {waited:.0f} s "
-            f"(stuck at {where}); another rank died or the network is cut. Aborting the job "
-            f"(--stall-timeout {timeout:g}).\n")
-        sys.stderr.flush()
-        time.sleep(ABORT_GRACE_SECONDS)
-        comm.abort(1)
+        line = f"dpflow: rank {comm.rank} on {comm.hostname()}: no progress for {waited:.0f} s (stuck at {where})"
+        if comm.is_root:
+            answers = comm.survey(SURVEY_SECONDS)
+            silent = [rank for rank, answer in answers.items() if answer is None]
+            if silent:
+                line += f"; ranks {silent} never answered: dead, stopped or cut off"
+            line += "".join(f"; rank {rank} is at {answer}" for rank, answer in answers.items() if answer)
+        else:
+            time.sleep(SURVEY_SECONDS + 3)  # rank 0 surveys and reports; if it cannot, we do
+            line += "; another rank died or the network is cut"
+        print_and_abort(comm, f"{line}. Aborting the job (--stall-timeout {timeout:g}).")
 
-    return Watchdog(timeout if comm.size > 1 else 0, on_stall)
+    watchdog = Watchdog(timeout if comm.size > 1 else 0, on_stall)
+    WHEREABOUTS.watchdog = watchdog
+    return watchdog
 
 
 def run_train(args, comm):
@@ -512,7 +532,7 @@ def main(argv=None):
 
         comm = create_communicator()
         threading.excepthook = lambda hook_args: crash(comm, hook_args.exc_value)
-        comm.start_failure_listener(lambda line: print_and_abort(comm, line))
+        comm.start_listener(lambda line: print_and_abort(comm, line), WHEREABOUTS)
         try:
             if args.command == "bench":
                 from .bench import run_bench
@@ -520,7 +540,7 @@ def main(argv=None):
                 return run_bench(args, comm)
             return COMMANDS[args.command](args, comm)
         finally:
-            comm.stop_failure_listener()
+            comm.stop_listener()
     except (UsageError, MismatchedMPI) as error:
         if (comm.rank if comm else launcher_rank()) == 0:
             sys.stderr.write(f"dpflow: error: {error}\n")

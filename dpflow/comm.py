@@ -70,15 +70,19 @@ class Communicator:
         """End every rank of the job now."""
         os._exit(code)
 
-    def start_failure_listener(self, on_failure):
-        """On rank 0: call `on_failure(text)` when another rank reports a failure."""
+    def start_listener(self, on_failure, where):
+        """Serve the side channel to other ranks (see MPICommunicator)."""
 
-    def stop_failure_listener(self):
-        """Stop listening; before MPI finalizes."""
+    def stop_listener(self):
+        """Stop serving the side channel; before MPI finalizes."""
 
     def report_failure_to_root(self, text):
         """Send a failure report to rank 0; False if there is no one to send it to."""
         return False
+
+    def survey(self, timeout):
+        """On rank 0: where every other rank says it is (None: no answer)."""
+        return {}
 
     def library(self):
         return mpi_library_version() or "none"
@@ -104,8 +108,8 @@ class MPICommunicator(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
-        # The channel for failure reports (collective to create, so every rank makes it now).
-        self.failures = self.comm.Dup()
+        # The side channel (collective to create, so every rank makes it now).
+        self.side = self.comm.Dup()
         self.threads_may_call_mpi = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
         self.listener = None
 
@@ -137,39 +141,63 @@ class MPICommunicator(Communicator):
     def abort(self, code=1):
         self.comm.Abort(code)
 
-    # A failing rank's last words. Output written just before MPI_Abort can be lost on its
-    # way through the launcher (seen across containers over ssh); rank 0 usually runs beside
-    # mpiexec, so a failing rank sends its report to rank 0, which prints it and aborts the
-    # job. A duplicate communicator keeps these messages apart from training traffic.
-    FAILURE_TAG = 17
+    # The side channel: a duplicate communicator, apart from training traffic, served by a
+    # listener thread on every rank. It carries what no collective can while ranks are stuck
+    # in one: a failing rank's last words, which rank 0 prints before aborting (output
+    # written just before MPI_Abort can be lost in the launcher, seen across containers over
+    # ssh; rank 0 usually runs beside mpiexec), and the stall survey, in which rank 0 asks
+    # every rank where it is, to name the ranks that never arrived (as Horovod does).
+    FAILURE_TAG, PROBE_TAG, ANSWER_TAG = 17, 18, 19
 
-    def start_failure_listener(self, on_failure):
-        if self.rank != 0 or not self.threads_may_call_mpi:
+    def start_listener(self, on_failure, where):
+        """Serve the side channel: rank 0 calls `on_failure(text)` for another rank's report;
+        every rank answers rank 0's survey with `where()`."""
+        if not self.threads_may_call_mpi:
             return
+        self.answers, self.sent = {}, []
         self.listening = threading.Event()
         self.listening.set()
 
         def listen():
             status = self.MPI.Status()
             while self.listening.is_set():
-                if self.failures.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.FAILURE_TAG, status=status):
-                    on_failure(self.failures.recv(source=status.Get_source(), tag=self.FAILURE_TAG))
+                while self.side.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=status):
+                    source, tag = status.Get_source(), status.Get_tag()
+                    message = self.side.recv(source=source, tag=tag)
+                    if tag == self.FAILURE_TAG:
+                        on_failure(message)
+                    elif tag == self.PROBE_TAG:
+                        self.sent.append(self.side.isend(where(), dest=0, tag=self.ANSWER_TAG))
+                    elif tag == self.ANSWER_TAG:
+                        self.answers[source] = message
                 time.sleep(0.05)
 
-        self.listener = threading.Thread(target=listen, name="dpflow-failures", daemon=True)
+        self.listener = threading.Thread(target=listen, name="dpflow-side-channel", daemon=True)
         self.listener.start()
 
-    def stop_failure_listener(self):
+    def stop_listener(self):
         if self.listener is not None:
             self.listening.clear()
             self.listener.join()
             self.listener = None
 
     def report_failure_to_root(self, text):
-        if self.rank == 0 or not self.threads_may_call_mpi:
+        if self.rank == 0 or self.listener is None:
             return False
-        self.failures.isend(text, dest=0, tag=self.FAILURE_TAG)
+        self.sent.append(self.side.isend(text, dest=0, tag=self.FAILURE_TAG))
         return True
+
+    def survey(self, timeout):
+        """On rank 0: {rank: where it says it is, or None if it did not answer in time}."""
+        if self.rank != 0 or self.listener is None:
+            return {}
+        self.answers.clear()
+        for rank in range(1, self.size):
+            self.sent.append(self.side.isend("where?", dest=rank, tag=self.PROBE_TAG))
+        deadline = time.monotonic() + timeout
+        while len(self.answers) < self.size - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {rank: self.answers.get(rank) for rank in range(1, self.size)}
 
     def library(self):
         return mpi_library_version()

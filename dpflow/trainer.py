@@ -72,6 +72,9 @@ class Watchdog:
         self.last_beat = time.monotonic()
         self.where = where
 
+    def describe(self):
+        return f"{self.where}, {time.monotonic() - self.last_beat:.0f} s since its last progress"
+
     def run(self):
         while not self.stopped.wait(min(1.0, self.timeout / 4)):
             waited = time.monotonic() - self.last_beat

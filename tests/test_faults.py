@@ -104,6 +104,12 @@ def rank_pids(marker):
     return pids
 
 
+def rank_of(pid):
+    """The MPI rank of a process, from the environment its launcher gave it."""
+    environ = dict(item.split(b"=", 1) for item in open(f"/proc/{pid}/environ", "rb").read().split(b"\0") if b"=" in item)
+    return int(environ.get(b"PMI_RANK", environ.get(b"OMPI_COMM_WORLD_RANK", b"-1")))
+
+
 @pytest.mark.parametrize("flavor", ["mpich", "openmpi"])
 def test_a_rank_killed_mid_run_ends_the_job_and_keeps_the_checkpoint(tmp_path, flavor):
     process, metrics = start_training(tmp_path, "--epochs", "400", "--checkpoint-dir", tmp_path / "ck",
@@ -123,6 +129,8 @@ def test_a_stalled_rank_is_caught_by_the_watchdog(tmp_path):
     process, metrics = start_training(tmp_path, "--epochs", "400", "--stall-timeout", "3")
     wait_for(lambda: steps_logged(metrics) > 20, 60, "training to start")
     victim = rank_pids(str(metrics))[-1]
+    victim_rank = rank_of(victim)
+    assert victim_rank != 0  # rank 0 surveys; the test stops another one
     os.kill(victim, signal.SIGSTOP)  # alive but silent, as behind a cut link
     try:
         code, stdout, stderr, seconds = finish(process, 30)
@@ -131,8 +139,10 @@ def test_a_stalled_rank_is_caught_by_the_watchdog(tmp_path):
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    assert code != 0 and seconds < 15, (code, seconds)
-    assert "no progress for" in stderr and "--stall-timeout 3" in stderr
+    assert code != 0 and seconds < 15, (code, seconds, stderr)
+    assert "no progress for" in stderr and "--stall-timeout 3" in stderr, stderr
+    # Rank 0 names the rank that never answered, as Horovod's stall check does.
+    assert f"ranks [{victim_rank}] never answered: dead, stopped or cut off" in stderr, stderr
 
 
 BAD_INPUTS = [
