@@ -151,6 +151,13 @@ def load_latest_valid(directory, warn=print):
     )
 
 
+def load_checkpoint_source(source, warn=print):
+    """(path, arrays, meta) of a checkpoint file, or of a directory's newest valid one."""
+    if os.path.isdir(source):
+        return load_latest_valid(source, warn=warn)
+    return (source, *read_checkpoint(source))
+
+
 def save_parameters(path, named_arrays):
     """The final parameters as a plain .npz, one array per parameter name, written atomically."""
     buffer = io.BytesIO()

@@ -353,20 +353,19 @@ def run_train(args, comm):
 # --- eval, info, plot ---------------------------------------------------------------------
 
 def run_eval(args, comm):
-    from .checkpoint import load_latest_valid, read_checkpoint
+    from .checkpoint import load_checkpoint_source
     from .config import TrainConfig
     from .data import load_dataset
     from .trainer import Trainer
 
-    def read_config():
-        """The run's settings, stored in the checkpoint (rank 0 reads, all receive)."""
+    def read():
+        """Rank 0 reads the checkpoint once: its stored settings build the model."""
         if not os.path.exists(args.checkpoint):
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        if os.path.isdir(args.checkpoint):
-            return load_latest_valid(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))[2]["config"]
-        return read_checkpoint(args.checkpoint)[1]["config"]
+        return load_checkpoint_source(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
 
-    stored = comm.broadcast_object(agree(comm, lambda: read_config() if comm.is_root else None))
+    loaded = agree(comm, lambda: read() if comm.is_root else None)
+    stored = comm.broadcast_object(loaded[2]["config"] if comm.is_root else None)
     # Keys this version does not know (a checkpoint from another version) are left out.
     config = TrainConfig(**{key: value for key, value in stored.items() if key in FIELDS})
     if args.dataset:
@@ -377,7 +376,7 @@ def run_eval(args, comm):
     data = agree(comm, lambda: load_dataset(config.dataset, config.samples, config.features,
                                             config.classes, config.seed))
     trainer = Trainer(config, comm, data)
-    path = trainer.load_checkpoint(args.checkpoint, for_training=False)
+    path = trainer.load_checkpoint(args.checkpoint, for_training=False, loaded=loaded)
     loss, accuracy = trainer.evaluate()
     if comm.is_root:
         print(f"test_loss {loss:.4f}  test_accuracy {accuracy:.2%}  rows {len(data.y_test)}  "

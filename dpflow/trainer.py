@@ -13,7 +13,6 @@ in the same step and no collective is ever left waiting.
 """
 
 import math
-import os
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .checkpoint import CheckpointError, load_latest_valid, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint_source, save_checkpoint
 from .comm import fingerprint
 from .config import UsageError, config_dict
 from .data import batch_bounds, epoch_permutation, shard_bounds
@@ -195,10 +194,12 @@ class Trainer:
                 permutation, start, stop, self.x_train, self.data.y_train)
             forward_pass(model.graph)
             loss_sum += model.loss.loss_sum
+            # The slots ride with the gradients; backward leaves them alone, so they are
+            # ready before its first bucket of gradients may start its allreduce.
+            flat.extra[LOSS_SLOT] = loss_sum
+            flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
             t1 = time.perf_counter()
             if self.overlap and self.sync:
-                flat.extra[LOSS_SLOT] = loss_sum
-                flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
                 requests = self.parallel.backward_and_start_allreduce(model.graph)
             else:
                 backward_pass(model.graph)
@@ -217,8 +218,6 @@ class Trainer:
         if requests is not None:
             self.comm.wait(requests)
         elif self.sync:
-            flat.extra[LOSS_SLOT] = loss_sum
-            flat.extra[STOP_SLOT] = 1.0 if self.stop_signal else 0.0
             self.parallel.allreduce_gradients()
         waited = time.perf_counter() - started
         seconds[2] += waited
@@ -342,17 +341,15 @@ class Trainer:
     MUST_MATCH_ON_RESUME = ("dataset", "samples", "features", "classes", "hidden", "activation",
                             "optimizer", "dtype")
 
-    def load_checkpoint(self, source, for_training=True):
-        """Rank 0 reads `source` (a checkpoint file, or a directory's newest valid one); every
-        rank receives the parameters (and, for training, the optimizer state and position)
-        by broadcast. Returns the checkpoint's path. Collective."""
+    def load_checkpoint(self, source, for_training=True, loaded=None):
+        """Rank 0 reads `source` (a checkpoint file, or a directory's newest valid one) unless
+        it already holds `loaded` = (path, arrays, meta); every rank receives the parameters
+        (and, for training, the optimizer state and position) by broadcast. Returns the
+        checkpoint's path. Collective."""
         payload = None
         if self.comm.is_root:
             try:
-                if os.path.isdir(source):
-                    path, arrays, meta = load_latest_valid(source, warn=self.log)
-                else:
-                    path, (arrays, meta) = source, read_checkpoint(source)
+                path, arrays, meta = loaded or load_checkpoint_source(source, warn=self.log)
                 payload = {"path": path, "meta": meta,
                            "shapes": {name: array.shape for name, array in arrays.items()}}
             except CheckpointError as error:
