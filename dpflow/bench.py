@@ -13,7 +13,8 @@ import time
 import numpy as np
 
 from .config import TrainConfig, UsageError, parse_hidden
-from .data import Dataset, shard_bounds
+from .data import Dataset
+from .sharding import shard_bounds
 from .trainer import Trainer
 
 

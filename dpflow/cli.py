@@ -22,7 +22,8 @@ from . import __version__
 from .checkpoint import CheckpointError
 from .comm import MismatchedMPI
 from .config import CHOICES, FIELDS, UsageError, build_config, coerce, config_dict, flag, load_toml
-from .data import DataError, shard_bounds
+from .data import DataError
+from .sharding import shard_bounds
 from .launcher import launcher_rank
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,9 +1,8 @@
-"""Datasets and batch sharding. numpy only: sharding takes `rank` and `size` as plain ints.
+"""Datasets: the bundled default, generated ones, and files. numpy only.
 
-Every rank loads the same dataset description and computes the same permutation from
-`seed + epoch`; rank r then reads only its contiguous block of each global batch. Large
-`.npy` files and uncompressed `.npz` archives are memory-mapped, so a rank touches only the
-rows it trains on.
+Every rank loads the same dataset description; `sharding` decides which rows each rank
+reads. Large `.npy` files and uncompressed `.npz` archives are memory-mapped, so a rank
+touches only the rows it trains on.
 """
 
 import gzip
@@ -34,31 +33,11 @@ class Dataset:
         return self.x_train.shape[1]
 
 
-# --- sharding: pure functions of (n, seed, epoch, rank, size) -------------------------------
-
-def epoch_permutation(n_samples, seed, epoch):
-    """The order of the training rows in `epoch`: the same on every rank, new every epoch."""
-    return np.random.default_rng(seed + epoch).permutation(n_samples)
-
-
-def batch_bounds(n_samples, batch_size):
-    """[(start, stop), ...] of each global batch in the permuted order; the last may be short."""
-    return [(start, min(start + batch_size, n_samples)) for start in range(0, n_samples, batch_size)]
-
-
-def shard_bounds(n_rows, rank, size):
-    """Rank `rank`'s contiguous block of `n_rows` rows: block sizes differ by at most one,
-    and a rank may get 0 rows when n_rows < size."""
-    base, extra = divmod(n_rows, size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
-
-
 # --- built-in datasets ----------------------------------------------------------------------
 
 def load_digits():
-    """The bundled UCI handwritten digits (see dpflow/data/README.md), pixels scaled to [0, 1]."""
-    with resources.files("dpflow").joinpath("data/digits.npz").open("rb") as handle:
+    """The bundled UCI handwritten digits (see dpflow/bundled/README.md), pixels scaled to [0, 1]."""
+    with resources.files("dpflow").joinpath("bundled/digits.npz").open("rb") as handle:
         arrays = dict(np.load(handle))
     return Dataset(
         "digits",

@@ -16,7 +16,7 @@ gradient over the rows of the batch.
 
 from .comm import create_communicator
 from .config import UsageError
-from .data import shard_bounds
+from .sharding import shard_bounds
 from .flat import FlatParameters
 
 

@@ -24,7 +24,7 @@ from . import __version__
 from .checkpoint import CheckpointError, load_checkpoint_source, save_checkpoint
 from .comm import fingerprint
 from .config import UsageError, config_dict
-from .data import batch_bounds, epoch_permutation, shard_bounds
+from .sharding import batch_bounds, epoch_permutation, shard_bounds
 from .parallel import DataParallel
 from .graph import backward_pass, forward_pass
 from .model import MLP
