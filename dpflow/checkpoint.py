@@ -1,29 +1,32 @@
-"""Checkpoints that survive crashes: atomic writes, a checksum, a `latest` pointer, fallback.
+"""Checkpoints that survive crashes: atomic writes, a checksum, a `latest` pointer, fallback;
+and a trainer's state in them: what is saved, rank 0's background writes, loading by
+broadcast, and the checks that a checkpoint fits the run that loads it.
 
 A checkpoint file is one header line `DPFLOW-CHECKPOINT 1 <sha256 of the rest>` followed by
 an `.npz` archive. It holds the global state only (parameters by name, optimizer state,
-position in the data, the resolved config), so any number of ranks can resume from it.
-numpy only: the trainer decides who writes (rank 0) and broadcasts what was read.
+position in the data, the resolved settings), so any number of ranks can resume from it.
+Rank 0 reads and writes; the other ranks receive what it read by broadcast.
 """
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
 import re
 import tempfile
+import threading
 
 import numpy as np
+
+from . import __version__
+from .errors import CheckpointError
 
 MAGIC = b"DPFLOW-CHECKPOINT 1 "
 NAME = re.compile(r"^ckpt-(\d{9})\.dpf$")
 LATEST = "latest"
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once at import: the process's umask, unchanged
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged or from another model."""
 
 
 def fsync_directory(directory):
@@ -134,7 +137,7 @@ def load_latest_valid(directory, warn=print):
     if not candidates:
         raise CheckpointError(
             f"no checkpoint (ckpt-*.dpf) in {directory}; point at the directory a run with "
-            "--checkpoint-dir wrote"
+            "`checkpoint_dir` wrote"
         )
     problems = []
     for path in candidates:
@@ -147,7 +150,7 @@ def load_latest_valid(directory, warn=print):
         return path, arrays, meta
     raise CheckpointError(
         f"no valid checkpoint in {directory}: " + "; ".join(problems)
-        + ". Start again without --resume (and a fresh --checkpoint-dir)"
+        + ". Start again without `resume` (and a fresh `checkpoint_dir`)"
     )
 
 
@@ -163,3 +166,134 @@ def save_parameters(path, named_arrays):
     buffer = io.BytesIO()
     np.savez(buffer, **named_arrays)
     atomic_write(path, buffer.getvalue())
+
+
+def check_checkpoint_dir(directory, resume):
+    """Create the checkpoint directory if needed and prove a file can be written there.
+    A new run never writes into another run's checkpoints: pruning would delete them."""
+    if not resume and list_checkpoints(directory):
+        raise CheckpointError(
+            f"`checkpoint_dir` {directory} already holds checkpoints of another run; pass `resume` "
+            "to continue that run, or choose an empty directory"
+        )
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write-test-{os.getpid()}")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as error:
+        raise CheckpointError(
+            f"`checkpoint_dir` {directory} is not writable ({error.strerror}); "
+            "choose a directory you can write to"
+        ) from None
+
+
+# --- a trainer's state ----------------------------------------------------------------------
+
+# Settings a run must share with the checkpoint it resumes: they shape the parameters,
+# the optimizer state or the data every step sees.
+MUST_MATCH_ON_RESUME = ("dataset", "samples", "features", "classes", "hidden", "activation",
+                        "optimizer", "dtype")
+
+
+def training_state(trainer):
+    """The global training state as named arrays and metadata (a copy: safe to write later)."""
+    arrays = {f"param/{name}": np.array(value) for name, value in trainer.flat.as_dict().items()}
+    meta = {"dpflow_version": __version__, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
+            "global_step": trainer.global_step, "optimizer_steps": trainer.optimizer.steps,
+            "samples_seen": trainer.samples_seen(), "seed": trainer.config.seed,
+            "config": dataclasses.asdict(trainer.config), "history": list(trainer.history),
+            "model": {"sizes": trainer.model.sizes, "activation": trainer.model.activation,
+                      "dtype": trainer.dtype.name}}
+    for key, value in trainer.optimizer.state_dict().items():
+        if isinstance(value, np.ndarray):
+            arrays[f"optim/{key}"] = np.array(value)
+    return arrays, meta
+
+
+class CheckpointWriter:
+    """Rank 0's checkpoint writes, each in a thread so that its I/O never holds the next
+    collective. An exception in the thread ends the job (see `failure.SafetyNet`)."""
+
+    def __init__(self, directory, keep):
+        self.directory, self.keep = directory, keep
+        self.last = None  # the newest checkpoint written or resumed from
+        self.thread = None
+
+    def start(self, step, arrays, meta, beat):
+        self.wait(beat)
+
+        def write():
+            self.last = save_checkpoint(self.directory, step, arrays, meta, self.keep)
+
+        self.thread = threading.Thread(target=write, name="dpflow-checkpoint")
+        self.thread.start()
+
+    def wait(self, beat):
+        """Wait for the write in flight; `beat` tells the watchdog we are busy, not stuck."""
+        if self.thread is not None:
+            while self.thread.is_alive():
+                beat("writing a checkpoint")
+                self.thread.join(timeout=1.0)
+            self.thread = None
+
+
+def load_checkpoint(trainer, source, for_training=True, loaded=None):
+    """Rank 0 reads `source` (a checkpoint file, or a directory's newest valid one) unless
+    it already holds `loaded` = (path, arrays, meta); every rank receives the parameters
+    (and, for training, the optimizer state and position) by broadcast. Returns the
+    checkpoint's path. Collective."""
+    comm, flat, optimizer = trainer.comm, trainer.flat, trainer.optimizer
+    payload = None
+    if comm.is_root:
+        try:
+            path, arrays, meta = loaded or load_checkpoint_source(source, warn=trainer.log)
+            payload = {"path": path, "meta": meta,
+                       "shapes": {name: array.shape for name, array in arrays.items()}}
+        except CheckpointError as error:
+            payload = {"error": str(error)}
+    payload = comm.broadcast_object(payload)
+    if "error" in payload:
+        raise CheckpointError(payload["error"])
+    meta, shapes, path = payload["meta"], payload["shapes"], payload["path"]
+    check_compatible(trainer, path, meta, shapes, for_training)
+    buffers = [(f"param/{name}", flat.view(flat.values, name)) for name in flat.names]
+    if for_training:
+        # state_dict() hands out the optimizer's live arrays: filling them restores it.
+        buffers += [(f"optim/{key}", value) for key, value in optimizer.state_dict().items()
+                    if isinstance(value, np.ndarray)]
+    for key, target in buffers:
+        if comm.is_root:
+            target[...] = arrays[key]
+        comm.broadcast(target)
+    if for_training:
+        optimizer.steps = int(meta["optimizer_steps"])
+        trainer.epoch, trainer.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
+        trainer.global_step = int(meta["global_step"])
+        trainer.history = list(meta.get("history", []))
+        trainer.checkpoints.last = path
+    return path
+
+
+def check_compatible(trainer, path, meta, shapes, for_training):
+    """The checkpoint must fit this model (and, to resume, this run's settings)."""
+    expected = {f"param/{name}": tuple(shape) for name, shape in trainer.flat.shapes.items()}
+    got = {name: tuple(shape) for name, shape in shapes.items() if name.startswith("param/")}
+    if got != expected:
+        raise CheckpointError(
+            f"the checkpoint {path} is from a different model (layer sizes {meta['model']['sizes']}; "
+            f"this run builds {trainer.model.sizes}); use the `hidden` and `dataset` it was trained "
+            "with, or a fresh `checkpoint_dir`"
+        )
+    if not for_training:
+        return
+    stored = meta["config"]
+    differ = [f"`{key}` {stored.get(key)!r} (now {getattr(trainer.config, key)!r})"
+              for key in MUST_MATCH_ON_RESUME if stored.get(key) != getattr(trainer.config, key)]
+    if differ:
+        raise CheckpointError(
+            f"the checkpoint {path} was trained with {', '.join(differ)}; resume with the same "
+            "settings, or start a new run in a fresh `checkpoint_dir`"
+        )
+

@@ -1,11 +1,13 @@
-"""Communicators: the only module that imports mpi4py. They take buffers and know no layers.
+"""Communicators: they take buffers and know no layers.
 
-`LocalCommunicator` is one rank and needs neither mpi4py nor mpiexec. `MPICommunicator`
-wraps `MPI.COMM_WORLD`; array traffic uses the buffer methods (`Allreduce`, `Bcast`) on
-numpy arrays, never the pickling lowercase ones. Collective methods say so: every rank must
+The only module that imports mpi4py. `Communicator` is the interface, every collective
+abstract. `LocalCommunicator` is one rank and needs neither mpi4py nor mpiexec.
+`MPICommunicator` wraps `MPI.COMM_WORLD`; array traffic uses the buffer methods
+(`Allreduce`, `Bcast`) on numpy arrays, never the pickling lowercase ones. Collective methods say so: every rank must
 call them, in the same order, or the job waits forever.
 """
 
+import abc
 import os
 import socket
 import sys
@@ -15,25 +17,23 @@ import zlib
 
 import numpy as np
 
+from .errors import MismatchedMPI
 from .launcher import launched_by_mpi, launcher_size
 
 
-
-class MismatchedMPI(RuntimeError):
-    """mpi4py's MPI library is not the launcher's."""
-
-
-class Communicator:
-    """One rank of size 1: every collective is the identity."""
+class Communicator(abc.ABC):
+    """What the trainer asks of a communicator. Every collective is abstract, so a new
+    communicator cannot silently inherit a no-op sum."""
 
     rank = 0
     size = 1
-    local_size = 1
+    local_size = 1  # ranks sharing this node's memory
 
     @property
     def is_root(self):
         return self.rank == 0
 
+    @abc.abstractmethod
     def allreduce_sum(self, buffer):
         """Sum `buffer` over all ranks, in place. Collective."""
 
@@ -42,46 +42,106 @@ class Communicator:
         for buffer in buffers:
             self.allreduce_sum(buffer)
 
+    @abc.abstractmethod
     def start_allreduce_sum(self, buffer):
-        """Begin summing `buffer` in place; `wait` on the returned request. Collective."""
-        return None
+        """Begin summing `buffer` in place; `wait` on the returned request (None: done). Collective."""
 
+    @abc.abstractmethod
     def wait(self, requests):
         """Wait for requests from `start_allreduce_sum`."""
 
+    @abc.abstractmethod
     def allreduce_max(self, buffer):
         """Element-wise maximum over all ranks, in place. Collective."""
 
+    @abc.abstractmethod
     def broadcast(self, buffer, root=0):
         """Overwrite `buffer` with root's, in place. Collective."""
 
+    @abc.abstractmethod
     def allgather_object(self, obj):
         """Every rank's `obj`, as a list in rank order. Collective; pickles, so start-up only."""
-        return [obj]
 
+    @abc.abstractmethod
     def broadcast_object(self, obj, root=0):
         """root's `obj` on every rank. Collective; pickles, so start-up and checkpoints only."""
-        return obj
 
+    @abc.abstractmethod
     def barrier(self):
         """Collective."""
 
+    @abc.abstractmethod
     def abort(self, code=1):
         """End every rank of the job now."""
-        os._exit(code)
 
+    # The side channel (see MPICommunicator): failure reports and the stall survey.
+
+    @abc.abstractmethod
     def start_listener(self, on_failure, where):
-        """Serve the side channel to other ranks (see MPICommunicator)."""
+        """Serve the side channel: rank 0 calls `on_failure(text)` for another rank's report;
+        every rank answers rank 0's survey with `where()`."""
 
+    @abc.abstractmethod
     def stop_listener(self):
         """Stop serving the side channel; before MPI finalizes."""
 
+    @abc.abstractmethod
     def report_failure_to_root(self, text):
         """Send a failure report to rank 0; False if there is no one to send it to."""
+
+    @abc.abstractmethod
+    def survey(self, timeout):
+        """On rank 0: {rank: where it says it is, or None if it did not answer in time}."""
+
+    @abc.abstractmethod
+    def library(self):
+        """The MPI library's one-line version, or "none"."""
+
+    @abc.abstractmethod
+    def hostname(self):
+        """This rank's host name, as MPI reports it."""
+
+
+class LocalCommunicator(Communicator):
+    """One rank, no MPI: every collective is the identity, and there is no one to tell."""
+
+    def allreduce_sum(self, buffer):
+        pass
+
+    def start_allreduce_sum(self, buffer):
+        return None
+
+    def wait(self, requests):
+        pass
+
+    def allreduce_max(self, buffer):
+        pass
+
+    def broadcast(self, buffer, root=0):
+        pass
+
+    def allgather_object(self, obj):
+        return [obj]
+
+    def broadcast_object(self, obj, root=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        os._exit(code)
+
+    def start_listener(self, on_failure, where):
+        pass
+
+    def stop_listener(self):
+        pass
+
+    def report_failure_to_root(self, text):
         return False
 
     def survey(self, timeout):
-        """On rank 0: where every other rank says it is (None: no answer)."""
         return {}
 
     def library(self):
@@ -89,9 +149,6 @@ class Communicator:
 
     def hostname(self):
         return socket.gethostname()
-
-
-LocalCommunicator = Communicator
 
 
 class MPICommunicator(Communicator):
@@ -150,8 +207,6 @@ class MPICommunicator(Communicator):
     FAILURE_TAG, PROBE_TAG, ANSWER_TAG = 17, 18, 19
 
     def start_listener(self, on_failure, where):
-        """Serve the side channel: rank 0 calls `on_failure(text)` for another rank's report;
-        every rank answers rank 0's survey with `where()`."""
         if not self.threads_may_call_mpi:
             return
         self.answers, self.sent = {}, []
@@ -188,7 +243,6 @@ class MPICommunicator(Communicator):
         return True
 
     def survey(self, timeout):
-        """On rank 0: {rank: where it says it is, or None if it did not answer in time}."""
         if self.rank != 0 or self.listener is None:
             return {}
         self.answers.clear()
@@ -224,7 +278,7 @@ def create_communicator(kind="auto"):
         expected = launcher_size()
         if expected is not None and comm.size != expected:
             # mpi4py built for another MPI than the launcher's runs N separate one-rank
-            # jobs, all writing the same files (NOTES.md: Debian's python3-mpi4py).
+            # jobs, all writing the same files (seen with Debian's python3-mpi4py under MPICH).
             raise MismatchedMPI(
                 f"the launcher started {expected} ranks but MPI sees a world of {comm.size}: "
                 f"mpi4py uses {mpi_library_version()}, not the launcher's MPI; run the mpiexec "
@@ -232,6 +286,15 @@ def create_communicator(kind="auto"):
             )
         return comm
     raise ValueError(f"DPFLOW_COMM must be auto, mpi or local, got {kind!r}")
+
+
+def mpi4py_version():
+    """mpi4py's version, or "not installed"."""
+    try:
+        import mpi4py
+    except ImportError:
+        return "not installed"
+    return mpi4py.__version__
 
 
 def mpi_library_version():

@@ -10,9 +10,7 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 
-
-class UsageError(ValueError):
-    """Bad flags, config or data: printed once, exit status 2, no traceback."""
+from .errors import UsageError
 
 
 @dataclass

@@ -15,11 +15,8 @@ from importlib import resources
 
 import numpy as np
 
+from .errors import DataError
 from .normalize import FeatureStats, Normalizer
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used: missing, unreadable, truncated or mis-shaped."""
 
 
 @dataclass

@@ -9,9 +9,7 @@ from collections import deque
 
 import numpy as np
 
-
-class GraphError(ValueError):
-    """A graph that cannot run: a cycle, a shape that does not fit, a bad value fed in."""
+from .errors import GraphError
 
 
 class Layer:

@@ -14,8 +14,9 @@ the ranks' gradients gives the whole batch's gradient, exactly as `Linear` sums 
 gradient over the rows of the batch.
 """
 
+from .agreement import ranks_that_differ
 from .comm import create_communicator
-from .config import UsageError
+from .errors import UsageError
 from .sharding import shard_bounds
 from .flat import FlatParameters
 
@@ -42,16 +43,17 @@ class DataParallel:
     def synchronise(self):
         """Check every rank holds the same parameter names and shapes, then copy rank 0's
         values to all. Collective."""
-        layouts = self.comm.allgather_object([(name, self.flat.shapes[name]) for name in self.flat.names])
-        for rank, layout in enumerate(layouts):
-            if layout != layouts[0]:
-                differ = [f"{a} vs {b}" for a, b in zip(layouts[0], layout) if a != b]
-                if len(layout) != len(layouts[0]):
-                    differ.append(f"{len(layouts[0])} parameters vs {len(layout)}")
-                raise UsageError(
-                    f"rank {rank} builds a different model from rank 0 ({'; '.join(differ[:3])}); "
-                    "every rank must get the same flags, config file and dataset"
-                )
+        root, differ = ranks_that_differ(self.comm, [(name, self.flat.shapes[name]) for name in self.flat.names])
+        if differ:
+            rank = min(differ)
+            layout = differ[rank]
+            described = [f"{a} vs {b}" for a, b in zip(root, layout) if a != b]
+            if len(layout) != len(root):
+                described.append(f"{len(root)} parameters vs {len(layout)}")
+            raise UsageError(
+                f"rank {rank} builds a different model from rank 0 ({'; '.join(described[:3])}); "
+                "every rank must get the same flags, config file and dataset"
+            )
         self.comm.broadcast(self.flat.values, root=0)
 
     def shard(self, global_batch):

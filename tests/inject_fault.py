@@ -14,7 +14,6 @@ import sys
 import numpy as np
 
 from dpflow import cli, trainer
-from dpflow.comm import create_communicator
 
 rank, step, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 original_step = trainer.Trainer.train_step

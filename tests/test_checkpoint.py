@@ -52,7 +52,7 @@ def test_damaged_newest_falls_back_to_previous_with_a_warning(tmp_path, damage):
 def test_no_valid_checkpoint_is_a_clear_error(tmp_path):
     only = save(tmp_path, 1)
     open(only, "r+b").truncate(10)
-    with pytest.raises(CheckpointError, match="no valid checkpoint.*Start again without --resume"):
+    with pytest.raises(CheckpointError, match="no valid checkpoint.*Start again without `resume`"):
         load_latest_valid(str(tmp_path), warn=lambda message: None)
 
 

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT
 
 QUICK = ["--epochs", "2", "--dtype", "float64"]
 

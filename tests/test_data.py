@@ -1,7 +1,6 @@
 """Every dataset kind, including the bad ones."""
 
 import gzip
-import os
 import struct
 
 import numpy as np

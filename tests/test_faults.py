@@ -304,7 +304,7 @@ def test_ranks_with_different_core_counts_still_agree_on_the_collectives(tmp_pat
 
 
 @pytest.mark.parametrize("first,second,message", [
-    (["--epochs", "1"], ["--epochs", "2"], "rank 1 was given a different run: epochs 2 (rank 0: 1)"),
+    (["--epochs", "1"], ["--epochs", "2"], "rank 1 was given a different run: --epochs 2 (rank 0: 1)"),
     (["--seed", "0"], ["--seed", "1"], "seed 1 (rank 0: 0)"),
     (["--samples", "400"], ["--samples", "410"], "samples 410 (rank 0: 400)"),
 ])

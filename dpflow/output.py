@@ -1,0 +1,174 @@
+"""What rank 0 shows and writes: the banner, per-epoch lines or a progress bar, the metrics
+file, `dpflow info`, and `dpflow plot`'s curves. The loop calls `Reporter` back; it never prints."""
+
+import json
+import math
+import os
+import platform
+import sys
+from collections import Counter
+
+import numpy as np
+
+from . import __version__, _threads
+from .comm import mpi4py_version
+from .errors import UsageError
+from .sharding import shard_bounds
+
+
+def describe_hosts(comm):
+    """'host-a (2 ranks), host-b (2 ranks)' in rank order. Collective."""
+    counts = Counter(comm.allgather_object(comm.hostname()))
+    return ", ".join(f"{host} ({n} rank{'s' if n > 1 else ''})" for host, n in counts.items())
+
+
+def banner_lines(trainer, comm, hosts):
+    """What this run is: versions, MPI and hosts, data, model, batch, lr and threads."""
+    config = trainer.config
+    per_rank = [len(range(*shard_bounds(config.batch_size, r, comm.size))) for r in range(comm.size)]
+    share = f"{min(per_rank)}" if min(per_rank) == max(per_rank) else f"{min(per_rank)}-{max(per_rank)}"
+    data = trainer.data
+    lines = [
+        f"dpflow {__version__} | MPI: {comm.library()} | {comm.size} rank{'s' if comm.size > 1 else ''} on {hosts}",
+        f"data: {data.name}, {len(data.y_train)} train / {len(data.y_test)} test rows, "
+        f"{data.n_features} features, {data.n_classes} classes",
+        f"model: MLP {'-'.join(map(str, trainer.model.sizes))} {config.activation}, "
+        f"{trainer.model.parameter_count():,} parameters, {config.dtype}",
+        f"batch: {config.batch_size} global = {share} per rank x {comm.size}"
+        + (f", accumulated x{config.accumulate}" if config.accumulate > 1 else "")
+        + f" | lr {trainer.scaled_lr():g} ({config.optimizer}"
+        + (f", linear scaling from {config.lr:g}" if config.lr_scaling == "linear" else "")
+        + (f", {config.warmup_epochs:g} warmup epochs" if config.warmup_epochs else "") + ")"
+        + f" | BLAS threads per rank: {_threads.blas_threads()}",
+    ]
+    return lines
+
+
+EPOCH_HEADER = f"{'epoch':>7} {'step':>7} {'train_loss':>10} {'test_loss':>10} {'test_acc':>8} {'samples/s':>10} {'comm':>6}"
+
+
+def epoch_line(record, epochs):
+    return (f"{record['epoch']:>3}/{epochs:<3} {record['step']:>7} {record['train_loss']:>10.4f} "
+            f"{record['test_loss']:>10.4f} {record['test_accuracy']:>8.2%} "
+            f"{record['samples_per_sec'] or 0:>10,.0f} {record['comm_fraction'] or 0:>6.1%}")
+
+
+class Reporter:
+    """Rank 0's output: banner, progress bar or plain lines, metrics file."""
+
+    def __init__(self, config, comm, append):
+        self.config = config
+        self.enabled = comm.is_root and not config.quiet
+        self.metrics = None
+        if comm.is_root and config.metrics:
+            self.metrics = open(config.metrics, "a" if append else "w")
+        use_bar = config.progress == "bar" or (config.progress == "auto" and sys.stdout.isatty())
+        self.use_bar = self.enabled and use_bar
+        self.bar = None
+
+    def print(self, *lines):
+        if self.enabled:
+            self.close_bar()
+            for line in lines:
+                print(line, flush=True)
+
+    def close_bar(self):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def write_metrics(self, record):
+        if self.metrics:
+            keys = ("epoch", "step", "train_loss", "test_loss", "test_accuracy", "samples_per_sec", "comm_fraction")
+            full = {key: record.get(key) for key in keys} | record
+            # JSON has no NaN: a value that is not a finite number is written as null.
+            full = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                    for key, value in full.items()}
+            self.metrics.write(json.dumps(full) + "\n")
+            self.metrics.flush()
+
+    def on_step(self, trainer, loss):
+        if self.use_bar:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=trainer.steps_per_epoch(), initial=trainer.step_in_epoch - 1,
+                                desc=f"epoch {trainer.epoch + 1}/{self.config.epochs}", leave=False,
+                                unit="step", dynamic_ncols=True)
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if self.config.log_every and trainer.global_step % self.config.log_every == 0:
+            self.write_metrics({"epoch": trainer.epoch + 1, "step": trainer.global_step, "train_loss": loss})
+
+    def on_epoch(self, trainer, record):
+        self.close_bar()
+        self.print(epoch_line(record, self.config.epochs))
+        self.write_metrics(record)
+
+    def close(self):
+        self.close_bar()
+        if self.metrics:
+            self.metrics.close()
+
+
+def info_lines(comm, hosts):
+    """`dpflow info`: versions, the MPI library, the world, and BLAS threads per rank."""
+    blas = "unknown"
+    try:
+        config = np.show_config(mode="dicts")
+        info = config["Build Dependencies"]["blas"]
+        blas = f"{info.get('name')} {info.get('version', '')}".strip()
+    except Exception:  # numpy < 1.25 has no dict mode; the rest still helps
+        pass
+    return [
+        f"dpflow      {__version__}",
+        f"python      {platform.python_version()}",
+        f"numpy       {np.__version__}",
+        f"mpi4py      {mpi4py_version()}",
+        f"MPI         {comm.library()}",
+        f"world size  {comm.size}",
+        f"hosts       {hosts}",
+        f"BLAS        {blas}, {_threads.blas_threads()} thread(s) per rank "
+        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+    ]
+
+
+def plot(metrics, output):
+    """Loss and accuracy curves from a --metrics file, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("dpflow plot needs matplotlib: pip install 'dpflow[plot]'") from None
+    records = []
+    try:
+        with open(metrics) as handle:
+            for number, line in enumerate(handle, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        raise UsageError(f"{metrics}:{number} is not a JSON line; "
+                                         "pass the file written by --metrics") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {metrics}: {error.strerror}") from None
+    epochs = [r for r in records if r.get("test_loss") is not None]
+    if not epochs:
+        raise UsageError(f"{metrics} has no per-epoch records; train with --metrics PATH first")
+    steps = [r for r in records if r.get("test_loss") is None and r.get("train_loss") is not None]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    if steps:
+        loss_axis.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], alpha=0.35,
+                       label="train (per step)")
+    loss_axis.plot([r["step"] for r in epochs], [r["train_loss"] for r in epochs], "o-", label="train (epoch)")
+    loss_axis.plot([r["step"] for r in epochs], [r["test_loss"] for r in epochs], "s-", label="test")
+    loss_axis.set(xlabel="step", ylabel="loss", yscale="log", title="loss")
+    loss_axis.legend()
+    accuracy_axis.plot([r["epoch"] for r in epochs], [100 * r["test_accuracy"] for r in epochs], "s-")
+    accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+    accuracy_axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    print(f"wrote {output}")
