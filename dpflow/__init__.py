@@ -17,10 +17,17 @@ from .graph import (  # noqa: E402
     sgd_update, sort_layers, topological_sort,
 )
 from .layers import MSE, Activation, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
-from .model import MLP  # noqa: E402
+from .batchnorm import BatchNorm  # noqa: E402
+from .conv import Conv2D  # noqa: E402
+from .dropout import Dropout  # noqa: E402
+from .model import MLP, Model  # noqa: E402
+from .pooling import GlobalAveragePool, MaxPool2D  # noqa: E402
+from .reshape import Flatten, Reshape  # noqa: E402
+from .residual import Add  # noqa: E402
 
 __all__ = [
-    "Activation", "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "ReLU", "Sigmoid",
-    "SoftmaxCrossEntropy", "Tanh", "backward_pass", "feed", "forward_and_backward",
-    "forward_pass", "sgd_update", "sort_layers", "topological_sort",
+    "Activation", "Add", "BatchNorm", "Conv2D", "Dropout", "Flatten", "GlobalAveragePool",
+    "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "MaxPool2D", "Model", "ReLU",
+    "Reshape", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "backward_pass", "feed",
+    "forward_and_backward", "forward_pass", "sgd_update", "sort_layers", "topological_sort",
 ]

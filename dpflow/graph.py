@@ -10,10 +10,17 @@ from collections import deque
 import numpy as np
 
 from .errors import GraphError
+from .layout import empty_nchw, is_channels_last
 
 
 class Layer:
-    """A node of the graph: `inbound_layers` feed it, `outbound_layers` consume its `value`."""
+    """A node of the graph: `inbound_layers` feed it, `outbound_layers` consume its `value`.
+
+    `training` is the mode: layers that behave differently in evaluation (Dropout,
+    BatchNorm) read it; `Model.train()` and `Model.eval()` set it on every layer.
+    """
+
+    training = True
 
     def __init__(self, inbound_layers=(), name=None):
         self.inbound_layers = list(inbound_layers)
@@ -37,15 +44,23 @@ class Layer:
     def backward(self):
         raise NotImplementedError
 
-    def scratch(self, role, shape, dtype):
-        """A reusable array for `role`; allocated once per (role, shape, dtype)."""
-        key = (role, shape, np.dtype(dtype))
+    def scratch(self, role, shape, dtype, channels_last=False):
+        """A reusable array for `role`; allocated once per (role, shape, dtype, layout).
+
+        `channels_last` stores a 4-d NCHW-shaped array as NHWC (see layout.py)."""
+        shape = tuple(shape)
+        channels_last = bool(channels_last) and len(shape) == 4
+        key = (role, shape, np.dtype(dtype), channels_last)
         array = self._scratch.get(key)
         if array is None:
-            array = self._scratch[key] = np.empty(shape, dtype)
+            array = self._scratch[key] = empty_nchw(shape, dtype, channels_last)
         return array
 
-    def gradient_target(self, inbound, shape, dtype):
+    def scratch_like(self, role, x, dtype=None):
+        """A reusable array with the shape and memory layout of `x`."""
+        return self.scratch(role, x.shape, x.dtype if dtype is None else dtype, is_channels_last(x))
+
+    def gradient_target(self, inbound, shape, dtype, channels_last=False):
         """Where to write d(loss)/d(inbound.value).
 
         A parameter bound to a flat gradient buffer with this layer as its only consumer gets
@@ -54,7 +69,7 @@ class Layer:
         bound = getattr(inbound, "bound_gradient", None)
         if bound is not None and len(inbound.outbound_layers) == 1 and bound.shape == shape:
             return bound
-        return self.scratch(("grad", id(inbound)), shape, dtype)
+        return self.scratch(("grad", id(inbound)), shape, dtype, channels_last)
 
     def output_gradient(self):
         """d(loss)/d(self.value), summed over every outbound layer; None when nothing consumes it."""

@@ -7,6 +7,7 @@ produces zero gradients for its parameters.
 import numpy as np
 
 from .graph import GraphError, Layer
+from .layout import is_channels_last
 
 
 def _shape_error(layer, message, fix):
@@ -64,11 +65,14 @@ class Activation(Layer):
 
     def forward(self):
         x = self.inbound_layers[0].value
-        self.value = self.compute(x, out=self.scratch("value", x.shape, x.dtype))
+        # The same memory layout as the input: element-wise work on channels-last images
+        # stays a contiguous sweep (see layout.py).
+        self.value = self.compute(x, out=self.scratch_like("value", x))
 
     def backward(self):
         inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, self.value.shape, self.value.dtype)
+        out = self.gradient_target(inbound, self.value.shape, self.value.dtype,
+                                   is_channels_last(self.value))
         grad = self.output_gradient()
         if grad is None:
             out.fill(0)
@@ -112,7 +116,7 @@ class ReLU(Activation):
     this is faster than np.maximum here (26 against 40 us for 256 x 512 float32)."""
 
     def compute(self, x, out):
-        self.positive = np.greater(x, 0, out=self.scratch("mask", x.shape, bool))
+        self.positive = np.greater(x, 0, out=self.scratch_like("mask", x, bool))
         return np.multiply(x, self.positive, out=out)
 
     def chain(self, grad, out):
