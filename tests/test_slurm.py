@@ -1,0 +1,209 @@
+"""dpflow under a real Slurm: `scripts/cluster --slurm` on two namespace hosts.
+
+Each test brings a fresh cluster up (munged and slurmctld on the login host, slurmd on
+node0 and node1, Debian's Slurm 22.05, installed by the script when missing), runs a bash
+driver on the login host (sinfo, srun, sbatch, scontrol, scancel), lets the cluster
+remove itself, and checks that nothing was left behind. The driver writes what it saw
+(job records, the jobs' output) into the test's directory, which every host shares; the
+assertions are made here, afterwards.
+
+A cluster that could not be brought up (exit 125, "slurm set-up failed") fails the test
+as a Slurm set-up failure, with the daemons' logs: never as a dpflow result. Skipped
+(with the reason, `pytest -rs`) only where the cluster cannot run at all: not root, or no
+`ip netns`.
+"""
+
+import os
+import re
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_cluster import CLUSTER, assert_nothing_left, environment, finish, tool, why_no_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_CLUSTER = why_no_cluster()
+pytestmark = pytest.mark.skipif(NO_CLUSTER is not None, reason=NO_CLUSTER or "")
+
+# Small and float64: runs are short, and results compare exactly.
+TRAIN = "--dtype float64"
+
+# Sourced by every driver: fail fast, and wait for conditions, never for fixed times.
+PRELUDE = r"""
+set -euo pipefail
+say() { echo "driver: $*" >&2; }
+wait_for() {  # SECONDS WHAT COMMAND...: poll COMMAND until it succeeds
+    local limit=$1 what=$2; shift 2
+    local end=$((SECONDS + limit))
+    until "$@"; do
+        if [ "$SECONDS" -ge "$end" ]; then say "TIMEOUT after $limit s waiting for $what"; exit 3; fi
+        sleep 0.2
+    done
+}
+job_field() { scontrol show job -o "$1" | tr ' ' '\n' | sed -n "s/^$2=//p"; }
+job_ended() {
+    case "$(job_field "$1" JobState)" in
+        COMPLETED|FAILED|CANCELLED|TIMEOUT|NODE_FAIL|OUT_OF_MEMORY|PREEMPTED|BOOT_FAIL|DEADLINE) return 0 ;;
+    esac
+    return 1
+}
+record() { scontrol show job -o "$1" > "$2"; say "job $1: $(job_field "$1" JobState) exit $(job_field "$1" ExitCode) restarts $(job_field "$1" Restarts)"; }
+"""
+
+
+def readme_sbatch_script():
+    """The batch script of the README's Slurm section, exactly as written there."""
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(#!/bin/bash\n.*?)```", text, flags=re.S)
+    scripts = [b for b in blocks if "#SBATCH" in b and "srun" in b]
+    assert len(scripts) == 1, f"expected one sbatch script in README.md, found {len(scripts)}"
+    return scripts[0]
+
+
+def slurm_session(tmp_path, driver, timeout):
+    """Run DRIVER (bash) on the login host of a fresh 2-host Slurm cluster, in tmp_path.
+    Returns (stdout, stderr) of the session; fails the test, as a Slurm set-up failure,
+    when the cluster could not be brought up."""
+    run_id = "s" + secrets.token_hex(4)
+    (tmp_path / "driver.sh").write_text(PRELUDE + driver)
+    process = subprocess.Popen(
+        [sys.executable, str(CLUSTER), "--slurm", "--hosts", "2", "--run-id", run_id,
+         "--", "bash", "driver.sh"],
+        cwd=tmp_path, env=environment(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status, out, err, seconds = finish(process, timeout)
+    transcript = f"exit {status} after {seconds:.0f} s\n--- stdout\n{out}\n--- stderr\n{err}"
+    if status == 125:
+        pytest.fail(f"Slurm set-up failed (scripts/cluster --slurm), not a dpflow result:\n"
+                    f"{transcript}")
+    assert_nothing_left(run_id, err)
+    assert status == 0, f"the driver failed:\n{transcript}"
+    return out, err
+
+
+def stops(output):
+    """[(step, checkpoint path)] of every "stopped by SIGTERM" line in a job's output."""
+    return [(int(step), path) for step, path in re.findall(
+        r"stopped by SIGTERM at step (\d+) \(epoch \d+\); checkpoint written to (\S+);", output)]
+
+
+def resumes(output):
+    """[(checkpoint path, step)] of every "resumed from" line in a job's output."""
+    return [(path, int(step)) for path, step in re.findall(
+        r"resumed from (\S+) at epoch \d+, step (\d+)", output)]
+
+
+def checkpoint_step(path):
+    return int(re.search(r"ckpt-(\d+)", str(path)).group(1))
+
+
+def test_srun_pmi2_on_two_hosts_gives_the_parameters_of_one_process(tmp_path):
+    out, err = slurm_session(tmp_path, f"""
+sinfo -h -N -o "%N %c %t" > sinfo.txt
+srun --mpi=pmi2 -N 2 -n 4 dpflow train {TRAIN} --epochs 2 --save p4.npz > srun.out 2>&1
+""", timeout=180)
+    nodes = (tmp_path / "sinfo.txt").read_text().split("\n")
+    assert sorted(filter(None, nodes)) == [f"node{i} {os.cpu_count()} idle" for i in range(2)]
+    log = (tmp_path / "srun.out").read_text()
+    assert "4 ranks on node0 (2 ranks), node1 (2 ranks)" in log, log
+    one = subprocess.run([tool("dpflow"), "train", *TRAIN.split(), "--epochs", "2",
+                          "--save", "p1.npz"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)
+    assert one.returncode == 0, one.stderr
+    four, single = np.load(tmp_path / "p4.npz"), np.load(tmp_path / "p1.npz")
+    assert sorted(four.files) == sorted(single.files)
+    for name in single.files:
+        assert four[name].dtype == np.float64
+        np.testing.assert_allclose(four[name], single[name], rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_readme_sbatch_script_is_stopped_by_slurm_requeued_resumed_and_ends_bitwise(tmp_path):
+    """The README's script with a 1-minute limit and --signal=TERM@55: Slurm's warning
+    signal stops the run (checkpoint, 143), the script requeues the job, the requeued job
+    resumes; scancel stops it again (checkpoint), a resubmission finishes it; the result is
+    bitwise that of one uninterrupted run with the same ranks on the same hosts."""
+    (tmp_path / "dpflow.sbatch").write_text(readme_sbatch_script())
+    out, err = slurm_session(tmp_path, f"""
+jid=$(sbatch --parsable --time=1 --signal=TERM@55 dpflow.sbatch {TRAIN} --epochs 1000)
+log=dpflow-$jid.out
+held() {{ [ "$(job_field $jid Restarts)" -ge 1 ] && [ "$(job_field $jid Reason)" = BeginTime ]; }}
+wait_for 150 "Slurm's signal to stop the job and the script to requeue it" held
+record $jid requeued.txt
+cp $log first.out
+# Slurm holds a requeued job for two minutes before starting it again (BeginTime, set once
+# the job has finished completing): not worth waiting for here.
+scontrol update JobId=$jid StartTime=now
+first=$(cat ckpt/latest)
+moved_on() {{ [ -e ckpt/latest ] && [ "$(cat ckpt/latest)" != "$first" ]; }}
+wait_for 120 "the requeued job to resume and write a newer checkpoint" moved_on
+scancel $jid
+wait_for 90 "scancel to end the job" job_ended $jid
+record $jid cancelled.txt
+cp $log second.out
+epoch=$(sed -n 's/.*stopped by SIGTERM at step [0-9]* (epoch \\([0-9]*\\)).*/\\1/p' $log | tail -n 1)
+final=$(sbatch --parsable --wait dpflow.sbatch {TRAIN} --epochs $((epoch + 1))) || true
+record $final final.txt
+cp dpflow-$final.out final.out
+# The same run without interruption: the same ranks on the same hosts, one step.
+srun --ntasks-per-node=2 -N 2 dpflow train {TRAIN} --epochs $((epoch + 1)) \\
+    --checkpoint-dir uninterrupted --save uninterrupted.npz > uninterrupted.out 2>&1
+""", timeout=420)
+    requeued = (tmp_path / "requeued.txt").read_text()
+    first = (tmp_path / "first.out").read_text()
+    second = (tmp_path / "second.out").read_text()[len(first):]
+    final = (tmp_path / "final.out").read_text()
+    # 1. Slurm's warning signal: every rank stopped at one step, checkpoint written, 143.
+    assert len(stops(first)) == 1, first
+    step1, path1 = stops(first)[0]
+    assert checkpoint_step(path1) == step1
+    assert re.search(r"srun: error: node0: tasks? 0.*Exited with exit code 143", first), first
+    assert "Restarts=1" in requeued, requeued
+    # 2. The requeued job resumed from exactly that checkpoint, went on, and scancel
+    #    stopped it with a checkpoint again.
+    assert resumes(second)[:1] == [(path1, step1)], second
+    assert len(stops(second)) == 1, second
+    step2, path2 = stops(second)[0]
+    assert step2 > step1 and checkpoint_step(path2) == step2
+    assert "JobState=CANCELLED" in (tmp_path / "cancelled.txt").read_text()
+    assert (tmp_path / "ckpt" / "latest").exists()
+    # 3. Resubmitted: resumed from the scancel checkpoint, finished, bitwise equal.
+    assert resumes(final) == [(path2, step2)], final
+    assert "JobState=COMPLETED" in (tmp_path / "final.txt").read_text(), final
+    done, reference = np.load(tmp_path / "params.npz"), np.load(tmp_path / "uninterrupted.npz")
+    assert sorted(done.files) == sorted(reference.files)
+    for name in reference.files:
+        assert done[name].dtype == np.float64
+        assert np.array_equal(done[name], reference[name]), name
+
+
+def test_a_compute_host_killed_under_slurm_ends_the_job_in_bounded_time_with_a_loadable_checkpoint(tmp_path):
+    out, err = slurm_session(tmp_path, f"""
+srun -N 2 --ntasks-per-node=2 dpflow train {TRAIN} --epochs 1000 --checkpoint-dir ckpt \\
+    --stall-timeout 10 > srun.out 2>&1 &
+job=$!
+wait_for 90 "the first checkpoint" test -e ckpt/latest
+# Power node1 off: SIGKILL to the init of its PID namespace kills every process on it.
+python3 -c 'import json, os, signal
+state = json.load(open(os.environ["CLUSTER_STATE"]))
+os.kill(state["hosts"]["node1"]["init_pid"], signal.SIGKILL)'
+killed=$SECONDS
+say "killed node1"
+status=0; wait $job || status=$?
+echo "srun exit $status after $((SECONDS - killed)) s" > ended.txt
+sinfo -h -N -o "%N %t" > sinfo.txt
+""", timeout=240)
+    ended = (tmp_path / "ended.txt").read_text()
+    status, seconds = map(int, re.fullmatch(r"srun exit (\d+) after (\d+) s\n", ended).groups())
+    log = (tmp_path / "srun.out").read_text()
+    assert status != 0, log
+    # Bounded: the stall watchdog (10 s) or MPI ends the ranks left on node0, and srun
+    # returns; Slurm's KillWait (30 s) is the slack.
+    assert seconds < 60, (ended, log)
+    loaded = subprocess.run([tool("dpflow"), "eval", "--checkpoint", "ckpt"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert re.search(r"accuracy", loaded.stdout + loaded.stderr), loaded
