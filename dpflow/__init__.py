@@ -5,25 +5,20 @@
 
 __version__ = "0.1.0"
 
-import sys as _sys
-
-if "numpy" not in _sys.modules:  # thread pools are sized when numpy's BLAS loads
-    from ._threads import configure_blas_threads as _configure
-
-    _configure()
-
-from .graph import (  # noqa: E402
+# Importing dpflow changes nothing in the caller's process: BLAS thread pools are sized when
+# an MPI communicator is created (see _threads.py).
+from .graph import (
     GraphError, Input, Layer, backward_pass, feed, forward_and_backward, forward_pass,
     sgd_update, sort_layers, topological_sort,
 )
-from .layers import MSE, Activation, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh  # noqa: E402
-from .batchnorm import BatchNorm  # noqa: E402
-from .conv import Conv2D  # noqa: E402
-from .dropout import Dropout  # noqa: E402
-from .model import MLP, Model  # noqa: E402
-from .pooling import GlobalAveragePool, MaxPool2D  # noqa: E402
-from .reshape import Flatten, Reshape  # noqa: E402
-from .residual import Add  # noqa: E402
+from .layers import MSE, Activation, Linear, Loss, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
+from .batchnorm import BatchNorm
+from .conv import Conv2D
+from .dropout import Dropout
+from .model import MLP, Model
+from .pooling import GlobalAveragePool, MaxPool2D
+from .reshape import Flatten, Reshape
+from .residual import Add
 
 __all__ = [
     "Activation", "Add", "BatchNorm", "Conv2D", "Dropout", "Flatten", "GlobalAveragePool",

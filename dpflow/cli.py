@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, bench, output
+from . import __version__, _threads, bench, output
 from .agreement import agree, check_same_run
 from .checkpoint import check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters
 from .config import FIELDS, CHOICES, TrainConfig, build_config, coerce, config_dict, flag, load_toml
@@ -195,8 +195,10 @@ def run_eval(args, comm, safety):
 
 def run_info(args, comm, safety):
     hosts = output.describe_hosts(comm)
+    # Read from the library in every rank: what runs, not what the environment asked for.
+    threads = comm.allgather_object(_threads.blas_threads_in_use())
     if comm.is_root:
-        print("\n".join(output.info_lines(comm, hosts)))
+        print("\n".join(output.info_lines(comm, hosts, threads)))
     return 0
 
 

@@ -17,6 +17,7 @@ import zlib
 
 import numpy as np
 
+from ._threads import size_blas_threads
 from .errors import MismatchedMPI
 from .launcher import launched_by_mpi, launcher_size
 
@@ -165,6 +166,8 @@ class MPICommunicator(Communicator):
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = node.Get_size()
         node.Free()
+        # Sized here, not at import: a script may have loaded numpy (and its BLAS) long before.
+        self.blas_threads = size_blas_threads(self.local_size)
         # The side channel (collective to create, so every rank makes it now).
         self.side = self.comm.Dup()
         self.threads_may_call_mpi = MPI.Query_thread() >= MPI.THREAD_MULTIPLE

@@ -1,7 +1,7 @@
 """What MPI launchers tell a process through its environment, read before MPI starts.
 
-No numpy and no mpi4py here: `_threads` reads it before numpy loads, and the CLI before MPI
-is initialised (to print usage errors once, from rank 0).
+No numpy and no mpi4py here: the CLI reads it before MPI is initialised (to print usage
+errors once, from rank 0).
 """
 
 import os
@@ -10,8 +10,6 @@ import os
 # mpirun OMPI_COMM_WORLD_*.
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 SIZE_VARIABLES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
-# Ranks on this node, as each launcher exports it.
-LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 
 
 def _first_int(names, environ):
@@ -35,11 +33,6 @@ def launcher_rank(environ=os.environ):
 def launcher_size(environ=os.environ):
     """The world size the launcher started, or None if it did not say."""
     return _first_int(SIZE_VARIABLES, environ)
-
-
-def local_ranks(environ=os.environ):
-    """Ranks on this node; 1 without a launcher."""
-    return max(_first_int(LOCAL_SIZE_VARIABLES, environ) or 1, 1)
 
 
 def cores():

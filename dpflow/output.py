@@ -3,7 +3,6 @@ file, `dpflow info`, and `dpflow plot`'s curves. The loop calls `Reporter` back;
 
 import json
 import math
-import os
 import platform
 import sys
 from collections import Counter
@@ -39,7 +38,7 @@ def banner_lines(trainer, comm, hosts):
         + f" | lr {trainer.scaled_lr():g} ({config.optimizer}"
         + (f", linear scaling from {config.lr:g}" if config.lr_scaling == "linear" else "")
         + (f", {config.warmup_epochs:g} warmup epochs" if config.warmup_epochs else "") + ")"
-        + f" | BLAS threads per rank: {_threads.blas_threads()}",
+        + f" | BLAS threads per rank: {_threads.blas_threads_in_use() or '?'}",
     ]
     return lines
 
@@ -111,15 +110,10 @@ class Reporter:
             self.metrics.close()
 
 
-def info_lines(comm, hosts):
-    """`dpflow info`: versions, the MPI library, the world, and BLAS threads per rank."""
-    blas = "unknown"
-    try:
-        config = np.show_config(mode="dicts")
-        info = config["Build Dependencies"]["blas"]
-        blas = f"{info.get('name')} {info.get('version', '')}".strip()
-    except Exception:  # numpy < 1.25 has no dict mode; the rest still helps
-        pass
+def info_lines(comm, hosts, threads):
+    """`dpflow info`: versions, the MPI library, the world, and BLAS threads per rank
+    (`threads`: every rank's count, read from its BLAS)."""
+    chosen = _threads.chosen_threads()
     return [
         f"dpflow      {__version__}",
         f"python      {platform.python_version()}",
@@ -128,8 +122,8 @@ def info_lines(comm, hosts):
         f"MPI         {comm.library()}",
         f"world size  {comm.size}",
         f"hosts       {hosts}",
-        f"BLAS        {blas}, {_threads.blas_threads()} thread(s) per rank "
-        f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})",
+        f"BLAS        {_threads.blas_description()}, {' or '.join(map(str, sorted(set(threads), key=str)))} "
+        f"thread(s) per rank ({f'as the environment asks: {chosen}' if chosen else 'the cores of a node / its ranks'})",
     ]
 
 
