@@ -5,6 +5,8 @@ One buffer means one allreduce, one broadcast, one vectorised optimizer update a
 checksum, with no copies in or out.
 """
 
+import math
+
 import numpy as np
 
 
@@ -51,3 +53,20 @@ class FlatParameters:
     def grad_views(self):
         """The gradient of each parameter, in packing order (for the per-parameter reducer)."""
         return [self.view(self.grads, name) for name in self.names]
+
+
+def all_finite(buffer):
+    """True when no entry of `buffer` is NaN or infinite; exact, so every rank holding the
+    same bytes gets the same answer.
+
+    One BLAS dot product (one pass over memory) settles the common case: a NaN or an inf
+    anywhere makes it non-finite in any summation order, so a finite result proves every
+    entry finite. Only when it is not (a bad entry, or squares that overflow) do max and min
+    decide, exactly: two more passes, on the rare step that needs them.
+    """
+    if buffer.size == 0:
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected, and handled
+        if math.isfinite(float(np.dot(buffer, buffer))):
+            return True
+    return math.isfinite(float(buffer.max())) and math.isfinite(float(buffer.min()))

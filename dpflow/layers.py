@@ -112,11 +112,13 @@ class Tanh(Activation):
 
 
 class ReLU(Activation):
-    """r = max(x, 0), computed as x * (x > 0): the mask serves the backward pass too, and
-    this is faster than np.maximum here (26 against 40 us for 256 x 512 float32)."""
+    """r = max(x, 0), computed as x * (x > 0) with the mask kept in x's float type: the
+    backward pass reuses it, and float-by-float multiplies run at SIMD speed where
+    float-by-bool ones go through a casting loop (for 256 x 512 float32: forward 29 against
+    26 us with a bool mask, backward 14 against 22; np.maximum alone takes 40)."""
 
     def compute(self, x, out):
-        self.positive = np.greater(x, 0, out=self.scratch_like("mask", x, bool))
+        self.positive = np.greater(x, 0, out=self.scratch_like("mask", x, x.dtype), casting="unsafe")
         return np.multiply(x, self.positive, out=out)
 
     def chain(self, grad, out):
@@ -213,10 +215,10 @@ class SoftmaxCrossEntropy(Loss):
         self.value = z.dtype.type(self.loss_sum / self.divisor(rows))
 
     def backward(self):
-        """dL/dz = (softmax(z) - onehot(label)) / normaliser"""
+        """dL/dz = (softmax(z) - onehot(label)) / normaliser, written over the probabilities
+        (forward's scratch, which nothing reads after backward): no copy."""
         logits_layer = self.inbound_layers[1]
-        grad = self.gradient_target(logits_layer, self.probs.shape, self.probs.dtype)
-        np.copyto(grad, self.probs)
+        grad = self.probs
         grad[self.row_index, self.labels] -= 1
         grad /= self.divisor(len(self.labels))
         self.gradients[logits_layer] = grad
