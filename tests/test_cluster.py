@@ -214,8 +214,46 @@ def test_failing_job_returns_its_status_and_leaves_nothing(tmp_path):
     assert_nothing_left(run_id, err)
 
 
+SHOW_QDISC = r"""
+import socket, subprocess
+shown = subprocess.run(["tc", "qdisc", "show", "dev", "eth0"], capture_output=True, text=True)
+with open(socket.gethostname() + ".qdisc", "w") as f:
+    f.write(shown.stdout + shown.stderr)
+"""
+
+
+def shaped_run(tmp_path, *options):
+    """A 2-host cluster with `options`, each host writing what `tc` shows on its link."""
+    if shutil.which("tc") is None:
+        pytest.skip("`tc` is not installed (apt-get install iproute2)")
+    (tmp_path / "show.py").write_text(SHOW_QDISC)
+    return run_cluster(["--hosts", "2", *options, "--", sys.executable, "show.py"], tmp_path, timeout=60)
+
+
+def test_link_rate_shapes_every_hosts_link(tmp_path):
+    run_id, status, out, err, _ = shaped_run(tmp_path, "--link-rate", "100mbit")
+    assert status == 0, err
+    for host in ("node0", "node1"):
+        shown = (tmp_path / f"{host}.qdisc").read_text()
+        assert re.search(r"qdisc tbf .* rate 100Mbit", shown), shown
+    assert "links shaped: 100mbit each way" in err
+    assert_nothing_left(run_id, err)
+
+
+def test_link_delay_needs_netem_or_says_so(tmp_path):
+    run_id, status, out, err, _ = shaped_run(tmp_path, "--link-delay", "2ms")
+    if status == 125:  # a kernel without sch_netem: refused with the reason, nothing built
+        assert "no sch_netem" in err and "--link-rate" in err, err
+    else:
+        assert status == 0, err
+        shown = (tmp_path / "node0.qdisc").read_text()
+        assert "netem" in shown and "delay 2ms" in shown, shown
+    assert_nothing_left(run_id, err)
+
+
 def test_bad_options_exit_125_and_build_nothing(tmp_path):
-    for args in (["--hosts", "0", "--", "true"], ["--hosts", "2"],
+    for args in (["--hosts", "0", "--", "true"], ["--hosts", "2"], ["--link-rate", "fast", "--", "true"],
+                 ["--link-delay", "soon", "--", "true"],
                  ["--hosts", "2", "--kill-host-after", "1", "node7", "--", "true"]):
         run_id, status, out, err, _ = run_cluster(args, tmp_path, timeout=30)
         assert status == 125, (args, err)
