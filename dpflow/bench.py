@@ -18,6 +18,21 @@ from .sharding import shard_bounds
 from .trainer import Trainer
 
 
+PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)
+NETWORKS_GBPS = (10, 25, 100)
+
+
+def positive_list(text, option, kind):
+    """`2,3,4` -> [2, 3, 4]; every value > 0, else a usage error naming the option."""
+    try:
+        values = [kind(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{option} takes a comma-separated list of positive numbers, got {text!r}")
+    return values
+
+
 def add_bench_arguments(parser):
     parser.add_argument("--features", type=int, default=784, help="input features (default %(default)s)")
     parser.add_argument("--hidden", default="512,256", help="hidden sizes (default %(default)s)")
@@ -37,6 +52,10 @@ def add_bench_arguments(parser):
     parser.add_argument("--predict", action="store_true",
                         help="measure allreduce latency and bandwidth here, fit the ring / recursive-"
                              "doubling cost model, and predict step time at 8 to 1,024 nodes")
+    parser.add_argument("--nodes", default=",".join(map(str, PREDICT_NODES)),
+                        help="node counts --predict predicts for (default %(default)s)")
+    parser.add_argument("--network-gbps", default=",".join(map(str, NETWORKS_GBPS)),
+                        help="link rates in Gbit/s --predict predicts for (default %(default)s)")
     parser.add_argument("--network-alpha-us", type=float, default=None,
                         help="per-message latency of the cluster network for --predict, in "
                              "microseconds (default: the value measured here, at least 25)")
@@ -215,10 +234,6 @@ def format_report(r):
 
 # --- the cost model, from measured alpha and beta --------------------------------------------
 
-PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)
-NETWORKS_GBPS = (10, 25, 100)
-
-
 def measure_allreduce_curve(comm, dtype, repeats=30):
     """[(bytes, seconds)] of in-place Allreduce from 8 bytes to 16 MB. Collective."""
     curve = []
@@ -259,6 +274,8 @@ def run_predict(args, comm):
 
     if comm.size < 2:
         raise UsageError("dpflow bench --predict measures an allreduce: run it under mpiexec -n 2 (or more)")
+    node_counts = positive_list(args.nodes, "--nodes", int)
+    networks = positive_list(args.network_gbps, "--network-gbps", float)
     curve = measure_allreduce_curve(comm, np.float32)
     alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
     network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
@@ -269,10 +286,10 @@ def run_predict(args, comm):
     rows = []
     for label, hidden in models.items():
         seconds, grad_bytes = compute_seconds(args, comm, ",".join(map(str, hidden)))
-        for gbps in NETWORKS_GBPS:
+        for gbps in networks:
             net_beta = costmodel.line_rate_beta(gbps)
             crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta)
-            for nodes in PREDICT_NODES:
+            for nodes in node_counts:
                 prediction = costmodel.predict(nodes, grad_bytes, seconds, network_alpha, net_beta)
                 rows.append({"model": label, "params_mb": grad_bytes / 1e6, "compute_ms": 1e3 * seconds,
                              "gbps": gbps, "crossover_nodes": crossover, **prediction})
@@ -301,7 +318,7 @@ def format_prediction(report):
     ]
     for row in report["predictions"]:
         lines.append(
-            f"{row['model']:<22} {row['params_mb']:>8.2f} {row['gbps']:>5} {row['nodes']:>6} "
+            f"{row['model']:<22} {row['params_mb']:>8.2f} {row['gbps']:>5g} {row['nodes']:>6} "
             f"{row['compute_ms']:>11.2f} {1e3 * row['comm_s']:>13.2f} {1e3 * row['step_s']:>9.2f} "
             f"{row['efficiency']:>10.1%}  {row['algorithm']}")
     lines.append("")
@@ -311,5 +328,5 @@ def format_prediction(report):
         if key not in seen:
             seen.add(key)
             where = f"{row['crossover_nodes']} nodes" if row["crossover_nodes"] else "beyond 1M nodes"
-            lines.append(f"communication outweighs compute: {row['model']} at {row['gbps']} Gb/s from {where}")
+            lines.append(f"communication outweighs compute: {row['model']} at {row['gbps']:g} Gb/s from {where}")
     return "\n".join(lines)
