@@ -49,6 +49,8 @@ def add_bench_arguments(parser):
     parser.add_argument("--no-sync", action="store_true",
                         help="skip the gradient allreduce: the compute-only ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--trace", metavar="PATH",
+                        help="write the timed steps' timeline to PATH (Chrome trace JSON: ui.perfetto.dev)")
     parser.add_argument("--predict", action="store_true",
                         help="measure allreduce latency and bandwidth here, fit the ring / recursive-"
                              "doubling cost model, and predict step time at 8 to 1,024 nodes")
@@ -89,23 +91,38 @@ def time_trainer_sync(trainer, comm, repeats):
 
 
 def time_gemms(sizes, rows, dtype, repeats, rng):
-    """Seconds for the matrix multiplies of one training step at `rows` rows per rank:
-    forward X @ W per layer, backward X.T @ grad per layer and grad @ W.T past the first."""
+    """Seconds (total, forward, backward) for the matrix multiplies of one training step at
+    `rows` rows per rank, each the median of `repeats`: forward X @ W per layer, backward
+    X.T @ grad per layer and grad @ W.T past the first."""
     weights = [rng.standard_normal((a, b)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
     acts = [rng.standard_normal((rows, n)).astype(dtype) for n in sizes]
     grads_w = [np.empty_like(w) for w in weights]
     grads_x = [np.empty((rows, n), dtype) for n in sizes]
-    times = []
+    forward, backward = [], []
     for _ in range(repeats):
         started = time.perf_counter()
         for i, W in enumerate(weights):
             np.matmul(acts[i], W, out=acts[i + 1])
+        middle = time.perf_counter()
         for i in reversed(range(len(weights))):
             np.matmul(acts[i].T, acts[i + 1], out=grads_w[i])
             if i > 0:
                 np.matmul(acts[i + 1], weights[i].T, out=grads_x[i])
-        times.append(time.perf_counter() - started)
-    return float(np.median(times))
+        forward.append(middle - started)
+        backward.append(time.perf_counter() - middle)
+    total = np.add(forward, backward)
+    return float(np.median(total)), float(np.median(forward)), float(np.median(backward))
+
+
+def tracer_seconds_per_span(samples=20000):
+    """What one span costs the traced loop: a Tracer.add, timed in a loop of its own."""
+    from .trace import Tracer
+
+    tracer = Tracer()
+    started = time.perf_counter()
+    for _ in range(samples):
+        tracer.add("forward", 0.0, 1.0)
+    return (time.perf_counter() - started) / samples
 
 
 def bench_trainer(args, comm):
@@ -145,15 +162,26 @@ def run_bench(args, comm):
     batch = [(0, args.batch_size)]
     step_times = np.zeros(args.steps)
     rss_after_warmup = 0.0
+    tracer = None
+    if args.trace:
+        from .trace import Tracer
+
+        tracer = Tracer(comm.rank)
+        tracer.align_clocks(comm)
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             comm.barrier()
             trainer.phase_seconds[:] = 0
             rss_after_warmup = peak_rss_mb()
+            trainer.tracer = tracer  # the timed steps only
         started = time.perf_counter()
         trainer.train_step(permutation, batch)
         if step >= args.warmup:
-            step_times[step - args.warmup] = time.perf_counter() - started
+            stopped = time.perf_counter()
+            step_times[step - args.warmup] = stopped - started
+            if tracer:
+                tracer.add("step", started, stopped, step=step - args.warmup)
+    trainer.tracer = None
     rss_after_steps = peak_rss_mb()
     phases = trainer.phase_seconds / args.steps
 
@@ -163,13 +191,17 @@ def run_bench(args, comm):
     # The trainer's own reduction, timed like the raw one (after a barrier): what the sync
     # costs without the wait for a slower rank that the in-step "sync" includes.
     sync_alone = time_trainer_sync(trainer, comm, repeats) if comm.size > 1 and not args.no_sync else 0.0
-    gemm_only = time_gemms(trainer.model.sizes, last - first, dtype, repeats, np.random.default_rng(0))
+    gemms = time_gemms(trainer.model.sizes, last - first, dtype, repeats, np.random.default_rng(0))
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
-    slowest = np.array([step_times.mean(), *phases, gemm_only, rss_after_warmup, rss_after_steps,
+    slowest = np.array([step_times.mean(), *phases, *gemms, rss_after_warmup, rss_after_steps,
                         rss_after_steps - rss_before_model])
     comm.allreduce_max(slowest)
-    step_s, forward_s, backward_s, sync_s, update_s, gemm_s, rss_warm, rss, rss_growth = slowest
+    (step_s, forward_s, backward_s, sync_s, update_s, gemm_s, gemm_forward_s, gemm_backward_s,
+     rss_warm, rss, rss_growth) = slowest
+    spans_per_step = len(tracer.spans) / args.steps if tracer else 0.0
+    if tracer:
+        tracer.gather_and_write(comm, args.trace)
     grad_bytes = flat.param_grads.nbytes
     result = {
         "world_size": comm.size,
@@ -189,6 +221,11 @@ def run_bench(args, comm):
         "raw_allreduce_ms": 1e3 * raw_allreduce,
         "sync_alone_ms": 1e3 * sync_alone,
         "gemm_only_ms": 1e3 * gemm_s,
+        "gemm_forward_ms": 1e3 * gemm_forward_s,
+        "gemm_backward_ms": 1e3 * gemm_backward_s,
+        "trace": args.trace,
+        "trace_spans_per_step": spans_per_step,
+        "trace_cost_ms_per_step": 1e3 * spans_per_step * tracer_seconds_per_span() if tracer else 0.0,
         "gradient_bytes": grad_bytes,
         "sync_bandwidth_gb_s": (grad_bytes / sync_s / 1e9) if sync_s > 0 and not args.no_sync and comm.size > 1 else None,
         "peak_rss_mb": rss,

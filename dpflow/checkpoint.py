@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -220,12 +221,16 @@ class CheckpointWriter:
         self.directory, self.keep = directory, keep
         self.last = None  # the newest checkpoint written or resumed from
         self.thread = None
+        self.tracer = None  # a trace.Tracer shows each write on the writer thread's track
 
     def start(self, step, arrays, meta, beat):
         self.wait(beat)
 
         def write():
+            started = time.perf_counter()
             self.last = save_checkpoint(self.directory, step, arrays, meta, self.keep)
+            if self.tracer:
+                self.tracer.add("checkpoint write", started, time.perf_counter(), "checkpoint", step=step)
 
         self.thread = threading.Thread(target=write, name="dpflow-checkpoint")
         self.thread.start()

@@ -7,15 +7,16 @@ never hang on it. The library's errors name settings; here they are shown as fla
 """
 
 import argparse
+import contextlib
 import os
 import sys
 
-from . import __version__, _threads, bench, output
+from . import __version__, _threads, bench, failure, output
 from .agreement import agree, check_same_run
 from .checkpoint import check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters
 from .config import FIELDS, CHOICES, TrainConfig, build_config, coerce, config_dict, flag, load_toml
 from .data import load_dataset
-from .errors import UsageError
+from .errors import DpflowError, UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import launcher_rank
@@ -61,6 +62,8 @@ TRAIN_HELP = {
     "metrics": "write JSON lines of metrics to this file",
     "log_every": "also log a metrics record every N steps (default: per epoch only)",
     "save": "write the final parameters to this .npz (one array per parameter name)",
+    "trace": "write a timeline of every rank's phases to this JSON file (Chrome trace format: "
+             "open it in ui.perfetto.dev or chrome://tracing)",
     "quiet": "print nothing but warnings and errors",
     "progress": "bar (tqdm), plain lines, or auto: a bar on a terminal (default %(default)s)",
     "consistency_every": "steps between checks that all ranks hold identical parameters; 0 off "
@@ -121,27 +124,53 @@ def load_data(comm, config):
                                             config.classes, config.seed))
 
 
+def start_trace(comm, path):
+    """A Tracer on every rank with clocks aligned, or None without `trace`. If the job
+    aborts, each rank that can leaves what it holds, and the rank that ends the job (rank 0
+    on a stall) merges what it finds. Collective."""
+    if not path:
+        return None
+    from .trace import Tracer
+
+    tracer = Tracer(comm.rank)
+    tracer.align_clocks(comm)
+    def last_words(aborting):
+        tracer.write_partial(path)
+        if aborting:  # whichever rank ends the job merges what every rank left
+            tracer.merge_partials(path, comm.size)
+
+    failure.LAST_WORDS.append(last_words)
+    return tracer
+
+
 def run_train(args, comm, safety):
     from .trainer import Trainer, check_batch_size
 
     config = agree(comm, lambda: train_config(args))
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
     watchdog = safety.start_watchdog(config.stall_timeout, flag("stall_timeout"))
+    tracer = start_trace(comm, config.trace)
+    phase = (lambda name: tracer.span(name, "start-up")) if tracer else (lambda name: contextlib.nullcontext())
     reporter = None
     try:
         watchdog.beat("loading the dataset")
-        data = load_data(comm, config)
+        with phase("load the dataset"):
+            data = load_data(comm, config)
         watchdog.beat("start-up checks")
-        check_same_run(comm, config_dict(config), data)
+        with phase("start-up checks"):
+            check_same_run(comm, config_dict(config), data)
         agree(comm, lambda: check_batch_size(config.batch_size, comm.size))
         if config.checkpoint_dir:
             agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume) if comm.is_root else None)
-        for name in ("metrics", "save"):
+        for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
-        trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
+        with phase("build the model, broadcast rank 0's parameters"):
+            trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
+        trainer.tracer = trainer.checkpoints.tracer = tracer
         watchdog.beat("resuming")
-        resumed_from = load_checkpoint(trainer, config.checkpoint_dir) if config.resume else None
+        with phase("resume"):
+            resumed_from = load_checkpoint(trainer, config.checkpoint_dir) if config.resume else None
         hosts = output.describe_hosts(comm)
         reporter = output.Reporter(config, comm, append=bool(resumed_from))
         reporter.print(*output.banner_lines(trainer, comm, hosts))
@@ -150,6 +179,12 @@ def run_train(args, comm, safety):
         reporter.print(output.EPOCH_HEADER)
         trainer.stop.install()
         history = trainer.fit(on_epoch=reporter.on_epoch, on_step=reporter.on_step, watchdog=watchdog)
+        if tracer:
+            tracer.gather_and_write(comm, config.trace)
+    except DpflowError as error:
+        if tracer and error.agreed:  # every rank is here, at the same point: collect them all
+            tracer.gather_and_write(comm, config.trace)
+        raise
     finally:
         watchdog.stop()
         if reporter:

@@ -44,6 +44,7 @@ class TrainConfig:
     metrics: str = ""  # JSON lines path; "" for none
     log_every: int = 0  # steps between extra metrics records; 0 for per epoch only
     save: str = ""  # final parameters as .npz
+    trace: str = ""  # Chrome trace JSON of every rank's phases; "" for none (costs < 1% of a step)
     quiet: bool = False
     progress: str = "auto"  # "bar" on a terminal, "plain" lines otherwise
     # Safety

@@ -23,6 +23,18 @@ from .launcher import launcher_rank
 # the line arrive first.
 ABORT_GRACE_SECONDS = 1.0
 SURVEY_SECONDS = 3.0  # how long rank 0 waits for the other ranks to say where they are
+# Callables a rank runs before it reports its failure or ends the job, called with
+# `aborting` True by the rank that calls MPI_Abort: what each rank holds is left behind to
+# read (the trace of the run up to the crash or the hang).
+LAST_WORDS = []
+
+
+def say_last_words(aborting=False):
+    for last_words in list(LAST_WORDS):
+        try:
+            last_words(aborting)
+        except Exception:  # noqa: BLE001 - the abort must go on whatever they do
+            pass
 
 
 def end_command(comm, error, spell=str):
@@ -45,6 +57,7 @@ def end_command(comm, error, spell=str):
 
 def print_and_abort(comm, line):
     """Rank 0's end of a failure report: print it once, end the job."""
+    say_last_words(aborting=True)
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
     time.sleep(ABORT_GRACE_SECONDS)
@@ -59,6 +72,7 @@ def crash(comm, error):
     if os.environ.get("DPFLOW_DEBUG"):
         traceback.print_exception(error)
     line = f"dpflow: rank {rank} on {host} failed: {type(error).__name__}: {error}"
+    say_last_words()  # before the report: rank 0 may abort the job as soon as it has it
     if comm is None or comm.size == 1:
         sys.stderr.write(line + "\n")
         return 1
@@ -101,6 +115,7 @@ class SafetyNet:
                     line += f"; ranks {silent} never answered: dead, stopped or cut off"
                 line += "".join(f"; rank {rank} is at {answer}" for rank, answer in answers.items() if answer)
             else:
+                say_last_words()  # while rank 0 surveys: its report merges what we leave
                 time.sleep(SURVEY_SECONDS + 3)  # rank 0 surveys and reports; if it cannot, we do
                 line += "; another rank died or the network is cut"
             print_and_abort(comm, f"{line}. Aborting the job ({what} {timeout:g}).")

@@ -14,6 +14,8 @@ the ranks' gradients gives the whole batch's gradient, exactly as `Linear` sums 
 gradient over the rows of the batch.
 """
 
+import time
+
 from .agreement import ranks_that_differ
 from .comm import create_communicator
 from .errors import UsageError
@@ -99,10 +101,11 @@ class DataParallel:
 
     def backward_and_start_allreduce(self, graph):
         """backward_pass(graph), starting each bucket's non-blocking allreduce as soon as its
-        gradients are final. Returns the requests to `comm.wait`. Collective."""
+        gradients are final. Returns the requests to `comm.wait`; `started_at` holds the
+        clock reading at each one's start (for a timeline). Collective."""
         assert graph is self.overlap_graph, "plan_buckets(graph, ...) first"
         waiting = [count for _, _, count in self.buckets]
-        requests = []
+        requests, self.started_at = [], []
         params = {id(param) for entries in self.finished_after.values() for param, _ in entries}
         for layer in reversed(graph):
             if id(layer) in params:
@@ -114,4 +117,5 @@ class DataParallel:
                 if waiting[bucket] == 0:
                     start, stop, _ = self.buckets[bucket]
                     requests.append(self.comm.start_allreduce_sum(self.flat.grads[start:stop]))
+                    self.started_at.append(time.perf_counter())
         return [request for request in requests if request is not None]

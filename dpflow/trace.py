@@ -70,15 +70,18 @@ class Tracer:
         write_trace(partial_path(path, self.rank), self.events(), complete=False, shift=False)
 
     def merge_partials(self, path, size):
-        """On rank 0 of an aborting job: its own spans and every other rank's partial file
-        found (a rank that hangs writes none: its track simply ends)."""
+        """On the rank that aborts the job: its own spans and every other rank's partial
+        file found (a rank that hangs writes none: its track simply ends)."""
         events = self.events()
         for rank in range(size):
             part = partial_path(path, rank)
-            if rank != self.rank and os.path.exists(part):
+            if rank == self.rank and os.path.exists(part):
+                os.remove(part)
+            elif os.path.exists(part):
                 try:
                     with open(part) as handle:
                         events += json.load(handle)["traceEvents"]
+                    os.remove(part)
                 except (OSError, ValueError):
                     continue
         write_trace(path, events, complete=False)

@@ -56,3 +56,97 @@ def test_an_aborting_job_merges_the_partial_files_it_finds(tmp_path):
     tracks = {(e["pid"], e["name"]) for e in trace["traceEvents"] if e["ph"] == "X"}
     assert tracks == {(0, "sync"), (2, "backward")}
     assert partial_path(path, 2).endswith(".rank2")
+
+
+# --- the timeline of real runs -------------------------------------------------------------
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from conftest import ROOT, run  # noqa: E402
+
+INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
+
+
+def spans_by_rank(path):
+    trace = json.loads(open(path).read())
+    by_rank = {}
+    for event in trace["traceEvents"]:
+        if event["ph"] == "X":
+            by_rank.setdefault(event["pid"], []).append(event)
+    return trace, by_rank
+
+
+def test_train_trace_has_every_phase_on_every_rank(dpflow, tmp_path):
+    path = tmp_path / "run.json"
+    result = dpflow("train", "--epochs", "2", "--checkpoint-dir", tmp_path / "ckpt", "--trace", path,
+                    "--bucket-mb", "0.01", ranks=2, timeout=120)
+    assert result.returncode == 0, result
+    trace, by_rank = spans_by_rank(path)
+    assert trace["otherData"]["complete"] is True
+    assert sorted(by_rank) == [0, 1]
+    for rank, spans in by_rank.items():
+        names = {span["name"] for span in spans}
+        assert {"gather", "forward", "backward", "wait for buckets", "check", "update", "evaluation",
+                "load the dataset", "build the model, broadcast rank 0's parameters"} <= names, (rank, names)
+        assert any(name.startswith("bucket ") for name in names), names
+        steps = [s for s in spans if s["name"] == "forward"]
+        assert all(a["ts"] < b["ts"] for a, b in zip(steps, steps[1:]))  # in order, one per step
+    writes = [s for s in by_rank[0] if s["name"] == "checkpoint write"]
+    assert len(writes) == 2 and writes[0]["args"]["step"] > 0
+    # Ranks' clocks share a zero: rank 1's first step starts near rank 0's, not seconds apart.
+    first = {rank: min(s["ts"] for s in spans if s["name"] == "forward") for rank, spans in by_rank.items()}
+    assert abs(first[0] - first[1]) < 1e6, first
+
+
+def test_a_crashed_rank_leaves_its_trace(tmp_path):
+    path = tmp_path / "crash.json"
+    result = run([sys.executable, INJECT, "1", "5", "raise", "train", "--epochs", "50", "--trace", str(path)],
+                 ranks=2, timeout=60)
+    assert result.returncode != 0 and "injected failure" in result.stderr, result
+    trace, by_rank = spans_by_rank(path)
+    assert trace["otherData"]["complete"] is False
+    assert len([s for s in by_rank[1] if s["name"] == "forward"]) == 4  # steps 1-4, then the fault
+    assert not [p for p in os.listdir(tmp_path) if ".rank" in p], "partial files are merged away"
+
+
+@contextlib.contextmanager
+def killed_at_exit(pid):
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_hang_can_be_read_from_the_trace(tmp_path):
+    from test_faults import finish, rank_of, rank_pids, start_training, steps_logged, wait_for
+
+    path = tmp_path / "hang.json"
+    process, metrics = start_training(tmp_path, "--epochs", "400", "--stall-timeout", "3", "--trace", path, ranks=3)
+    wait_for(lambda: steps_logged(metrics) > 10, 60, "training to start")
+    victim = next(pid for pid in rank_pids(str(metrics)) if rank_of(pid) == 2)
+    os.kill(victim, signal.SIGSTOP)  # alive but silent
+    with contextlib.suppress(ProcessLookupError), killed_at_exit(victim):
+        code, stdout, stderr, _ = finish(process, 30)
+    assert code != 0 and "no progress for" in stderr, stderr
+    trace, by_rank = spans_by_rank(path)  # rank 0 merged what it had, and rank 1's partial
+    assert trace["otherData"]["complete"] is False
+    assert sorted(by_rank) == [0, 1], sorted(by_rank)
+    last_step = {rank: max(s["ts"] for s in spans if s["name"] == "forward") for rank, spans in by_rank.items()}
+    waits = [s for s in by_rank[0] if s["name"] == "allreduce"]
+    assert waits and waits[-1]["ts"] <= last_step[0] + 1e6  # the spans stop where rank 0 got stuck
+
+
+def test_bench_trace_and_its_cost(dpflow, tmp_path):
+    path = tmp_path / "bench.json"
+    result = dpflow("bench", "--features", "20", "--hidden", "16", "--classes", "3", "--batch-size", "16",
+                    "--steps", "7", "--warmup", "2", "--json", "--trace", path, ranks=2, timeout=60)
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    _, by_rank = spans_by_rank(path)
+    for spans in by_rank.values():
+        assert len([s for s in spans if s["name"] == "step"]) == 7  # the timed steps only
+    assert report["trace_spans_per_step"] == 7  # step, gather, forward, backward, allreduce, check, update
+    assert 0 < report["trace_cost_ms_per_step"] < report["step_ms"]
