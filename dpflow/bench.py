@@ -14,6 +14,7 @@ import numpy as np
 
 from .config import TrainConfig, UsageError, parse_hidden
 from .data import Dataset
+from .optim import OPTIMIZERS
 from .sharding import shard_bounds
 from .trainer import Trainer
 
@@ -41,7 +42,9 @@ def add_bench_arguments(parser):
     parser.add_argument("--steps", type=int, default=200, help="timed steps (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--optimizer", choices=("sgd", "momentum", "adam"), default="sgd")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
+    parser.add_argument("--noise-scale", choices=("auto", "on", "off"), default="auto",
+                        help="measure the gradient noise scale as `dpflow train` does (default %(default)s)")
     parser.add_argument("--reducer", choices=("flat", "naive"), default="flat",
                         help="flat: one fused allreduce; naive: one per parameter")
     parser.add_argument("--bucket-mb", type=float, default=0.0,
@@ -134,7 +137,8 @@ def bench_trainer(args, comm):
     data = Dataset("bench", x, y, x[:1], y[:1], args.classes)
     config = TrainConfig(dataset="bench", hidden=parse_hidden(args.hidden), batch_size=args.batch_size,
                          optimizer=args.optimizer, lr=1e-3, dtype=args.dtype, reducer=args.reducer,
-                         bucket_mb=args.bucket_mb, consistency_every=0, stall_timeout=0)
+                         bucket_mb=args.bucket_mb, noise_scale=args.noise_scale, consistency_every=0,
+                         stall_timeout=0)
     trainer = Trainer(config, comm, data)
     trainer.sync = not args.no_sync
     return trainer

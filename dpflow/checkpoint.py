@@ -195,7 +195,16 @@ def check_checkpoint_dir(directory, resume):
 # Settings a run must share with the checkpoint it resumes: they shape the parameters,
 # the optimizer state or the data every step sees.
 MUST_MATCH_ON_RESUME = ("dataset", "samples", "features", "classes", "hidden", "activation",
-                        "optimizer", "dtype")
+                        "optimizer", "dtype", "lr_schedule", "lr_decay_epochs", "lr_decay_factor",
+                        "lr_power", "min_lr", "warmup_epochs")
+
+
+def resume_keys(stored):
+    """The settings a resume must keep: cosine and poly decay over the run's epochs, so with
+    them `epochs` too (the schedule would jump otherwise)."""
+    if stored.get("lr_schedule") in ("cosine", "poly"):
+        return MUST_MATCH_ON_RESUME + ("epochs",)
+    return MUST_MATCH_ON_RESUME
 
 
 def training_state(trainer):
@@ -206,7 +215,8 @@ def training_state(trainer):
             "samples_seen": trainer.samples_seen(), "seed": trainer.config.seed,
             "config": dataclasses.asdict(trainer.config), "history": list(trainer.history),
             "model": {"sizes": trainer.model.sizes, "activation": trainer.model.activation,
-                      "dtype": trainer.dtype.name}}
+                      "dtype": trainer.dtype.name},
+            "noise": trainer.noise.state() if trainer.noise else None}
     for key, value in trainer.optimizer.state_dict().items():
         if isinstance(value, np.ndarray):
             arrays[f"optim/{key}"] = np.array(value)
@@ -277,6 +287,8 @@ def load_checkpoint(trainer, source, for_training=True, loaded=None):
         trainer.epoch, trainer.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         trainer.global_step = int(meta["global_step"])
         trainer.history = list(meta.get("history", []))
+        if trainer.noise and meta.get("noise"):
+            trainer.noise.load_state(meta["noise"])
         trainer.checkpoints.last = path
     return path
 
@@ -293,9 +305,10 @@ def check_compatible(trainer, path, meta, shapes, for_training):
         )
     if not for_training:
         return
-    stored = meta["config"]
+    # A key an older checkpoint lacks had its default then.
+    stored = {**dataclasses.asdict(type(trainer.config)()), **meta["config"]}
     differ = [f"`{key}` {stored.get(key)!r} (now {getattr(trainer.config, key)!r})"
-              for key in MUST_MATCH_ON_RESUME if stored.get(key) != getattr(trainer.config, key)]
+              for key in resume_keys(stored) if stored.get(key) != getattr(trainer.config, key)]
     if differ:
         raise CheckpointError(
             f"the checkpoint {path} was trained with {', '.join(differ)}; resume with the same "

@@ -49,9 +49,21 @@ TRAIN_HELP = {
     "optimizer": "update rule (default %(default)s)",
     "momentum": "momentum coefficient for --optimizer momentum (default %(default)s)",
     "weight_decay": "L2 penalty added to the gradient (default %(default)s)",
-    "lr_scaling": "linear: lr x global batch x accumulate / --base-batch-size (Goyal et al.)",
+    "lr_scaling": "linear: lr x global batch x accumulate / --base-batch-size (Goyal et al.); "
+                  "sqrt: x the square root of that ratio (LAMB's rule)",
     "base_batch_size": "the batch the lr was tuned for, with --lr-scaling linear (default %(default)s)",
     "warmup_epochs": "epochs of linear lr warmup, fractional allowed (default %(default)s)",
+    "lr_schedule": "after warmup: constant, cosine or poly decay to --min-lr at the last epoch, "
+                   "or step: x --lr-decay-factor at each of --lr-decay-epochs (default %(default)s)",
+    "lr_decay_epochs": "epochs where --lr-schedule step multiplies the lr by --lr-decay-factor, e.g. 30,60",
+    "lr_decay_factor": "the step schedule's factor, in (0, 1] (default %(default)s)",
+    "lr_power": "the poly schedule's power: lr x (1 - progress)^power (default %(default)s)",
+    "min_lr": "the lr every decay ends at or stays above (default %(default)s)",
+    "trust_coefficient": "lars/lamb: eta in eta x ||w|| / ||update|| (default 0.001 for lars, 1 for lamb)",
+    "exclude_from_adaptation": "lars/lamb: comma-separated name patterns of the parameters that keep "
+                               "plain steps and no weight decay (default %(default)s)",
+    "noise_scale": "measure the gradient noise scale per epoch (metrics key noise_scale); auto: "
+                   "when there are >= 2 ranks or micro-batches and no --bucket-mb (default %(default)s)",
     "accumulate": "micro-batches summed before each allreduce and update (default %(default)s)",
     "dtype": "parameter and activation dtype (default %(default)s)",
     "seed": "initialisation and shuffling seed (default %(default)s)",
@@ -195,6 +207,8 @@ def run_train(args, comm, safety):
         last = history[-1]
         reporter.print(f"done: test accuracy {last['test_accuracy']:.2%}, test loss {last['test_loss']:.4f}"
                        + (f"; parameters saved to {config.save}" if config.save else ""))
+        if last.get("noise_scale") is not None:
+            reporter.print(output.noise_line(last["noise_scale"], config.batch_size * config.accumulate))
     return 0
 
 

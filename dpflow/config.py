@@ -11,6 +11,8 @@ import tomllib
 from dataclasses import dataclass, field
 
 from .errors import UsageError
+from .optim import EXCLUDE_FROM_ADAPTATION, OPTIMIZERS
+from .schedule import SCALINGS, SCHEDULES, scaled_lr
 
 
 @dataclass
@@ -33,6 +35,14 @@ class TrainConfig:
     lr_scaling: str = "none"  # "linear": lr * batch_size / base_batch_size (Goyal et al.)
     base_batch_size: int = 64
     warmup_epochs: float = 0.0  # linear warmup, needed when linear scaling makes lr large
+    lr_schedule: str = "constant"  # after warmup; cosine and poly reach min_lr at the last epoch
+    lr_decay_epochs: list = field(default_factory=list)  # step: e.g. [30, 60] (Goyal et al.: 30, 60, 80)
+    lr_decay_factor: float = 0.1  # step: the lr is multiplied by this at each decay epoch
+    lr_power: float = 2.0  # poly: (1 - progress) ** power, 2 as in You et al.'s LARS runs
+    min_lr: float = 0.0  # the floor of every decay
+    trust_coefficient: float = None  # lars/lamb; None: each paper's, 0.001 for LARS, 1 for LAMB
+    exclude_from_adaptation: str = EXCLUDE_FROM_ADAPTATION  # lars/lamb: plain steps, no decay
+    noise_scale: str = "auto"  # auto: measured when it is free, i.e. two batch sizes exist
     accumulate: int = 1  # micro-batches summed before each allreduce and update
     dtype: str = "float32"  # float64 for bitwise-reproducibility studies
     seed: int = 0
@@ -58,8 +68,10 @@ class TrainConfig:
 
 CHOICES = {
     "activation": ("relu", "tanh", "sigmoid"),
-    "optimizer": ("sgd", "momentum", "adam"),
-    "lr_scaling": ("none", "linear"),
+    "optimizer": OPTIMIZERS,
+    "lr_scaling": SCALINGS,
+    "lr_schedule": SCHEDULES,
+    "noise_scale": ("auto", "on", "off"),
     "dtype": ("float32", "float64"),
     "progress": ("auto", "bar", "plain"),
     "on_nonfinite": ("stop", "skip"),
@@ -68,7 +80,9 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "checkpoint_every",
             "keep_checkpoints", "samples", "features")
 NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
-                "stall_timeout", "bucket_mb")
+                "stall_timeout", "bucket_mb", "min_lr")
+# Settings whose default is None ("not set"): the type a given value must have.
+OPTIONAL_TYPES = {"trust_coefficient": float}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
@@ -76,16 +90,19 @@ def flag(name):
     return "--" + name.replace("_", "-")
 
 
+def split_list(value):
+    """`a,b` or [a, b] or a single value -> a list of the parts ('' and [] -> [])."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
 def parse_hidden(value):
     """`128,64` or [128, 64] -> [128, 64]; `""` or [] -> no hidden layer."""
-    if isinstance(value, str):
-        parts = [part.strip() for part in value.split(",") if part.strip()]
-    elif isinstance(value, (list, tuple)):
-        parts = list(value)
-    else:
-        parts = [value]
     try:
-        sizes = [int(part) for part in parts]
+        sizes = [int(part) for part in split_list(value)]
     except (TypeError, ValueError):
         raise UsageError(f"--hidden must be comma-separated integers like 128,64, got {value!r}") from None
     if any(size <= 0 for size in sizes):
@@ -93,12 +110,25 @@ def parse_hidden(value):
     return sizes
 
 
+def parse_epochs(value):
+    """`30,60` or [30, 60] -> [30.0, 60.0] (fractional epochs allowed)."""
+    parts = split_list(value)
+    try:
+        if any(isinstance(part, bool) for part in parts):
+            raise ValueError
+        return [float(part) for part in parts]
+    except (TypeError, ValueError):
+        raise UsageError(f"--lr-decay-epochs must be comma-separated epochs like 30,60, got {value!r}") from None
+
+
 def coerce(name, value):
     """Convert a TOML or flag value to the field's type, or say what was expected."""
     default = FIELDS[name].default if FIELDS[name].default is not dataclasses.MISSING else None
     if name == "hidden":
         return parse_hidden(value)
-    kind = type(default)
+    if name == "lr_decay_epochs":
+        return parse_epochs(value)
+    kind = OPTIONAL_TYPES.get(name, type(default))
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -175,6 +205,46 @@ def validate(config):
         raise UsageError(f"--classes must be >= 2, got {config.classes}")
     if config.resume and not config.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir DIR, the directory to resume from")
+    validate_schedule(config)
+    validate_layerwise(config)
+
+
+def validate_schedule(config):
+    """The decay settings must describe a schedule that decays, inside the run."""
+    if not (math.isfinite(config.lr_decay_factor) and 0 < config.lr_decay_factor <= 1):
+        raise UsageError(f"--lr-decay-factor must be in (0, 1] (0.1 is usual), got {config.lr_decay_factor!r}")
+    if not (math.isfinite(config.lr_power) and config.lr_power > 0):
+        raise UsageError(f"--lr-power must be > 0 (2 is usual), got {config.lr_power!r}")
+    peak = scaled_lr(config.lr, config.lr_scaling, config.batch_size * config.accumulate, config.base_batch_size)
+    if config.lr_schedule != "constant" and config.min_lr >= peak:
+        raise UsageError(f"--min-lr {config.min_lr:g} must be below the lr after scaling ({peak:g}); "
+                         "lower it or raise --lr")
+    epochs = config.lr_decay_epochs
+    if config.lr_schedule != "step":
+        if epochs:
+            raise UsageError(f"--lr-decay-epochs applies to --lr-schedule step only (now {config.lr_schedule}); "
+                             "add --lr-schedule step or drop --lr-decay-epochs")
+        return
+    if not epochs:
+        raise UsageError("--lr-schedule step needs --lr-decay-epochs, the epochs where the lr drops, e.g. 30,60")
+    if any(not math.isfinite(e) for e in epochs) or any(b <= a for a, b in zip(epochs, epochs[1:])):
+        raise UsageError(f"--lr-decay-epochs must increase, e.g. 30,60, got {','.join(f'{e:g}' for e in epochs)}")
+    if epochs[0] <= config.warmup_epochs or epochs[-1] >= config.epochs:
+        raise UsageError(
+            f"--lr-decay-epochs {','.join(f'{e:g}' for e in epochs)} must lie after the warmup "
+            f"({config.warmup_epochs:g} epochs) and before the end ({config.epochs} epochs)"
+        )
+
+
+def validate_layerwise(config):
+    """LARS and LAMB settings: a positive trust coefficient, for those optimizers only."""
+    eta = config.trust_coefficient
+    if eta is None:
+        return
+    if config.optimizer not in ("lars", "lamb"):
+        raise UsageError(f"--trust-coefficient applies to --optimizer lars or lamb, not {config.optimizer}")
+    if not (math.isfinite(eta) and eta > 0):
+        raise UsageError(f"--trust-coefficient must be > 0 (0.001 is LARS's, 1 LAMB's), got {eta!r}")
 
 
 def config_dict(config):

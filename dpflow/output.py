@@ -35,12 +35,39 @@ def banner_lines(trainer, comm, hosts):
         f"{trainer.model.parameter_count():,} parameters, {config.dtype}",
         f"batch: {config.batch_size} global = {share} per rank x {comm.size}"
         + (f", accumulated x{config.accumulate}" if config.accumulate > 1 else "")
-        + f" | lr {trainer.scaled_lr():g} ({config.optimizer}"
-        + (f", linear scaling from {config.lr:g}" if config.lr_scaling == "linear" else "")
-        + (f", {config.warmup_epochs:g} warmup epochs" if config.warmup_epochs else "") + ")"
+        + f" | lr {trainer.scaled_lr():g} ({update_rule(trainer)})"
         + f" | BLAS threads per rank: {_threads.blas_threads_in_use() or '?'}",
     ]
     return lines
+
+
+def update_rule(trainer):
+    """'lars trust 0.001 on 3 of 6 parameters, linear scaling from 0.05, 2 warmup epochs,
+    cosine to 0'."""
+    config, optimizer = trainer.config, trainer.optimizer
+    parts = [config.optimizer]
+    if hasattr(optimizer, "parameters"):  # layer-wise: say which parameters adapt
+        adapted = sum(adapt for _, adapt in optimizer.parameters)
+        parts[0] += f" trust {optimizer.trust_coefficient:g} on {adapted} of {len(optimizer.parameters)} parameters"
+    if config.lr_scaling != "none":
+        parts.append(f"{config.lr_scaling} scaling from {config.lr:g}")
+    if config.warmup_epochs:
+        parts.append(f"{config.warmup_epochs:g} warmup epochs")
+    if config.lr_schedule == "step":
+        parts.append(f"x{config.lr_decay_factor:g} at epochs {','.join(f'{e:g}' for e in config.lr_decay_epochs)}")
+    elif config.lr_schedule in ("cosine", "poly"):
+        shape = "cosine" if config.lr_schedule == "cosine" else f"poly {config.lr_power:g}"
+        parts.append(f"{shape} to {config.min_lr:g}")
+    return ", ".join(parts)
+
+
+def noise_line(noise_scale, batch):
+    """The last epoch's gradient noise scale beside the global batch, read for the user."""
+    if noise_scale >= batch:
+        verdict = "a larger global batch would still cut the steps needed"
+    else:
+        verdict = "the batch is above it, so more rows per step buy little"
+    return f"gradient noise scale (last epoch): {noise_scale:,.0f} rows; global batch {batch:,}: {verdict}"
 
 
 EPOCH_HEADER = f"{'epoch':>7} {'step':>7} {'train_loss':>10} {'test_loss':>10} {'test_acc':>8} {'samples/s':>10} {'comm':>6}"
@@ -97,7 +124,8 @@ class Reporter:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         if self.config.log_every and trainer.global_step % self.config.log_every == 0:
-            self.write_metrics({"epoch": trainer.epoch + 1, "step": trainer.global_step, "train_loss": loss})
+            self.write_metrics({"epoch": trainer.epoch + 1, "step": trainer.global_step, "train_loss": loss,
+                                "lr": trainer.optimizer.lr})
 
     def on_epoch(self, trainer, record):
         self.close_bar()

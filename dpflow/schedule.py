@@ -15,6 +15,19 @@ import math
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "cosine", "step", "poly")
+SCALINGS = ("none", "linear", "sqrt")
+
+
+def scaled_lr(lr, scaling, batch, base_batch):
+    """The lr for a global batch (rows per update) from the lr tuned at `base_batch`:
+    linear (Goyal et al.) or square-root (Krizhevsky; You et al. with LAMB) scaling."""
+    if scaling == "linear":
+        return lr * batch / base_batch
+    if scaling == "sqrt":
+        return lr * math.sqrt(batch / base_batch)
+    if scaling == "none":
+        return lr
+    raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}, got {scaling!r}")
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,20 @@ from .evaluation import evaluate
 from .flat import all_finite
 from .graph import backward_pass, forward_pass
 from .model import MLP
+from .noise import NoiseScale, local_term, step_estimate
 from .optim import create_optimizer
 from .parallel import DataParallel
+from .schedule import Schedule, scaled_lr
 from .sharding import batch_bounds, epoch_permutation, shard_bounds
 from .signals import StopRequest
 
 # Trailing slots of the gradient buffer that ride along with the one allreduce.
-LOSS_SLOT, STOP_SLOT = 0, 1
-EXTRA_SLOTS = 2
+LOSS_SLOT, STOP_SLOT, NOISE_SLOT = 0, 1, 2
+EXTRA_SLOTS = 3
+# The noise scale's two squared norms cost about 1.5 / (local rows) of a step (measured with
+# a 784-128-64-10 MLP); `noise_scale` auto measures one step in ceil(NOISE_ROWS / local rows),
+# which keeps that below 1% (SCALING.md has the figures).
+NOISE_ROWS = 256
 
 
 def check_batch_size(batch_size, size):
@@ -63,8 +69,17 @@ class Trainer:
         # In-memory data is cast to the training dtype once; memory-mapped data is cast per batch.
         self.x_train = self.as_training_array(data.x_train)
         self.x_test = self.as_training_array(data.x_test)
+        self.schedule = Schedule(
+            peak=self.scaled_lr(), epochs=config.epochs, steps_per_epoch=self.steps_per_epoch(),
+            kind=config.lr_schedule, warmup_epochs=config.warmup_epochs,
+            # Goyal et al. warm up from the unscaled lr; without scaling, warmup starts from 0.
+            warmup_start=config.lr if config.lr_scaling != "none" else 0.0,
+            decay_epochs=tuple(config.lr_decay_epochs), decay_factor=config.lr_decay_factor,
+            power=config.lr_power, min_lr=config.min_lr)
         self.optimizer = create_optimizer(config.optimizer, self.flat.size, self.dtype, self.lr_at(0.0),
-                                          config.momentum, config.weight_decay)
+                                          config.momentum, config.weight_decay, slices=self.flat.slices,
+                                          trust_coefficient=config.trust_coefficient,
+                                          exclude=config.exclude_from_adaptation)
         self.accumulated = np.zeros(self.flat.size, self.dtype) if config.accumulate > 1 else None
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.stop = StopRequest()  # this rank's signal; install() it to receive them
@@ -81,6 +96,11 @@ class Trainer:
         self.overlap = config.bucket_mb > 0 and config.accumulate == 1 and config.reducer == "flat"
         if self.overlap:
             self.parallel.plan_buckets(self.model.graph, int(config.bucket_mb * 2**20))
+        self.noise = NoiseScale() if self.measures_noise() else None
+        self.noise_term = 0.0  # this rank's share of the noise slot, summed over micro-batches
+        local_rows = config.batch_size * config.accumulate / comm.size
+        self.noise_every = 1 if config.noise_scale == "on" else math.ceil(NOISE_ROWS / local_rows)
+        self.noise_now = False  # whether this step is measured (the same on every rank)
 
     # --- set-up ----------------------------------------------------------------------------
 
@@ -94,24 +114,32 @@ class Trainer:
         return math.ceil(n_batches / self.config.accumulate)
 
     def scaled_lr(self):
+        """The peak lr: `lr` scaled from `base_batch_size` to the rows of one update."""
         config = self.config
-        if config.lr_scaling == "linear":
-            return config.lr * config.batch_size * config.accumulate / config.base_batch_size
-        return config.lr
+        return scaled_lr(config.lr, config.lr_scaling, config.batch_size * config.accumulate,
+                         config.base_batch_size)
 
     def lr_at(self, epochs_done):
-        """The learning rate after `epochs_done` (fractional) epochs, with linear warmup.
+        """The learning rate after `epochs_done` (fractional) epochs: warmup, then the schedule."""
+        return self.schedule.lr_at(epochs_done)
 
-        Warmup ramps from the unscaled lr to the scaled one (Goyal et al.) under linear
-        scaling, and from 0 otherwise.
-        """
-        target = self.scaled_lr()
-        warmup = self.config.warmup_epochs
-        if warmup <= 0 or epochs_done >= warmup:
-            return target
-        start = self.config.lr if self.config.lr_scaling == "linear" else 0.0
-        progress = min(1.0, (epochs_done + 1.0 / max(self.steps_per_epoch(), 1)) / warmup)
-        return start + (target - start) * progress
+    def lr_of_step(self, epoch, step_in_epoch):
+        """The lr of step `step_in_epoch` of `epoch`: from the integer position, so a resumed
+        run continues the same sequence bit for bit."""
+        return self.lr_at(epoch + step_in_epoch / self.steps_per_epoch())
+
+    def measures_noise(self):
+        """Whether the noise scale is measured: it needs gradients at two batch sizes before the
+        sum (several ranks or micro-batches), which overlapping the allreduce does not leave."""
+        setting = self.config.noise_scale
+        possible = self.comm.size > 1 or self.config.accumulate > 1
+        if setting == "on" and not possible:
+            raise UsageError("`noise_scale` on needs gradients at two batch sizes: run on >= 2 ranks "
+                             "or with `accumulate` >= 2")
+        if setting == "on" and self.overlap:
+            raise UsageError("`noise_scale` on reads the gradients before the allreduce, which "
+                             "`bucket_mb` > 0 starts during backward; set `bucket_mb` 0")
+        return setting != "off" and possible and not self.overlap
 
     @property
     def last_checkpoint(self):
@@ -126,6 +154,7 @@ class Trainer:
         global_rows = sum(stop - start for start, stop in micro_batches)
         self.model.loss.normaliser = global_rows
         loss_sum, requests = 0.0, None
+        self.noise_now = self.noise is not None and self.global_step % self.noise_every == 0
         for index, (start, stop) in enumerate(micro_batches):
             t0 = time.perf_counter()
             self.gather(permutation, start, stop)
@@ -140,6 +169,9 @@ class Trainer:
                 self.tracer.add("gather", t0, gathered)
                 self.tracer.add("forward", gathered, t1)
                 self.tracer.add("backward", t1, t2)
+        if self.noise_now:  # (never written under overlap: the slots may be in flight then)
+            self.flat.extra[NOISE_SLOT] = self.noise_term
+            self.noise_term = 0.0
         started = time.perf_counter()
         self.reduce(requests)
         reduced = time.perf_counter()
@@ -148,6 +180,8 @@ class Trainer:
         global_loss, finite = self.check(global_rows)
         if finite:
             checked = time.perf_counter()
+            if self.noise_now:
+                self.measure_noise(micro_batches, global_rows)
             self.optimizer.step(self.flat.values, self.flat.param_grads)
             updated = time.perf_counter()
             seconds[3] += updated - checked
@@ -188,6 +222,7 @@ class Trainer:
         # ready before its first bucket of gradients may start its allreduce.
         self.flat.extra[LOSS_SLOT] = loss_sum
         self.flat.extra[STOP_SLOT] = 1.0 if self.stop.signum else 0.0
+        self.flat.extra[NOISE_SLOT] = 0.0  # set after backward on the steps that measure it
         return loss_sum
 
     def backward(self, index, count):
@@ -199,6 +234,9 @@ class Trainer:
         else:
             backward_pass(self.model.graph)
         grads = self.flat.param_grads
+        if self.noise_now:  # this micro-batch's gradient alone, before any sum
+            self.noise_term += local_term(float(np.dot(grads, grads)), len(self.model.labels.value),
+                                          self.model.loss.normaliser)
         if self.accumulated is not None and count > 1:
             if index == 0:
                 np.copyto(self.accumulated, grads)
@@ -240,6 +278,17 @@ class Trainer:
             )
         self.log(f"warning: step {self.global_step + 1}: non-finite loss or gradient; step skipped")
         return global_loss, False
+
+    def measure_noise(self, micro_batches, global_rows):
+        """Add this step's |G|^2 and tr(Sigma) estimates from the reduced noise slot and the
+        global gradient. Every rank knows every piece's rows, so nothing more is sent."""
+        pieces = [len(range(*shard_bounds(stop - start, rank, self.comm.size)))
+                  for start, stop in micro_batches for rank in range(self.comm.size)]
+        grads = self.flat.param_grads
+        measured = step_estimate(float(self.flat.extra[NOISE_SLOT]), pieces, float(np.dot(grads, grads)),
+                                 global_rows)
+        if measured is not None:
+            self.noise.add(*measured)
 
     def check_consistency(self):
         """All ranks must hold bit-identical parameters. Collective."""
@@ -285,7 +334,7 @@ class Trainer:
             while self.step_in_epoch < steps:
                 first = self.step_in_epoch * config.accumulate
                 micro_batches = batches[first: first + config.accumulate]
-                self.optimizer.lr = self.lr_at(self.epoch + self.step_in_epoch / steps)
+                self.optimizer.lr = self.lr_of_step(self.epoch, self.step_in_epoch)
                 beat(f"step {self.global_step + 1}")
                 loss = self.train_step(permutation, micro_batches)
                 rows = sum(stop - start for start, stop in micro_batches)
@@ -315,7 +364,12 @@ class Trainer:
                 "samples_per_sec": epoch_samples / elapsed if elapsed > 0 else None,
                 "comm_fraction": self.comm_seconds / elapsed if elapsed > 0 else None,
                 "lr": self.optimizer.lr, "seconds": elapsed,
+                # A pure function of the position: also right for an epoch resumed half-way.
+                "lrs": [self.lr_of_step(self.epoch, step) for step in range(steps)],
+                "noise_scale": self.noise.value() if self.noise else None,
             }
+            if self.noise:
+                self.noise.reset()
             self.history.append(record)
             self.epoch += 1
             self.step_in_epoch = 0
