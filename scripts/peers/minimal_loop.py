@@ -55,8 +55,11 @@ def main():
     scratch = np.empty_like(params)
     index = np.arange(rows)
 
+    phases = np.zeros(4)  # forward, backward, allreduce, update: seconds, summed
+
     def step():
         n_layers = len(sizes) - 1
+        t0 = time.perf_counter()
         for i in range(n_layers):
             np.matmul(acts[i], P[2 * i], out=acts[i + 1])
             acts[i + 1] += P[2 * i + 1]
@@ -69,6 +72,7 @@ def main():
         sums = deltas[-1].sum(axis=1, keepdims=True)
         grads[-1] = np.log(sums).sum() - z[index, labels].sum()  # this rank's loss sum
         deltas[-1] /= sums
+        t1 = time.perf_counter()
         deltas[-1][index, labels] -= 1
         deltas[-1] /= args.batch_size
         for i in reversed(range(n_layers)):
@@ -77,24 +81,30 @@ def main():
             if i > 0:
                 np.matmul(deltas[i], P[2 * i].T, out=deltas[i - 1])
                 deltas[i - 1] *= masks[i - 1]
+        t2 = time.perf_counter()
         comm.Allreduce(MPI.IN_PLACE, grads, op=MPI.SUM)
+        t3 = time.perf_counter()
         np.multiply(grads[:-1], lr, out=scratch)
         np.subtract(params, scratch, out=params)
+        phases[:] += (t1 - t0, t2 - t1, t3 - t2, time.perf_counter() - t3)
 
     times = np.empty(args.steps)
     for s in range(args.warmup + args.steps):
         if s == args.warmup:
             comm.Barrier()
+            phases[:] = 0
         started = time.perf_counter()
         step()
         if s >= args.warmup:
             times[s - args.warmup] = time.perf_counter() - started
-    slowest = np.array([times.mean()])
+    slowest = np.array([times.mean(), *(phases / args.steps)])  # each the slowest rank's
     comm.Allreduce(MPI.IN_PLACE, slowest, op=MPI.MAX)
+    step_s, forward_s, backward_s, sync_s, update_s = slowest
     if rank == 0:
-        print(json.dumps({"peer": "numpy + mpi4py loop", "world_size": size, "threads": None,
-                          "batch_size": args.batch_size, "step_ms": 1e3 * slowest[0],
-                          "samples_per_sec": args.batch_size / slowest[0]}))
+        print(json.dumps({"peer": "numpy + mpi4py loop", "world_size": size, "batch_size": args.batch_size,
+                          "step_ms": 1e3 * step_s, "samples_per_sec": args.batch_size / step_s,
+                          "forward_ms": 1e3 * forward_s, "backward_ms": 1e3 * backward_s,
+                          "sync_ms": 1e3 * sync_s, "update_ms": 1e3 * update_s}))
 
 
 if __name__ == "__main__":
