@@ -52,8 +52,8 @@ class Linear(Layer):
         self.gradients[W_layer] = np.matmul(
             X.T, grad, out=self.gradient_target(W_layer, W.shape, grad.dtype))  # (n_in, n_out)
         # The bias rule: a sum over the rows of the batch; dpflow sums once more over ranks.
-        self.gradients[b_layer] = np.sum(
-            grad, axis=0, out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
+        self.gradients[b_layer] = grad.sum(
+            axis=0, out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
 
 
 class Activation(Layer):

@@ -294,6 +294,11 @@ def table(rows, columns):
     return "\n".join(lines)
 
 
+def column(title, key, spec=".3f"):
+    """A table column showing field `key` of each row."""
+    return title, lambda row: format(row[key], spec)
+
+
 def find(runs, **match):
     return next(r for r in runs if all(r.get(k) == v for k, v in match.items()))
 
@@ -517,16 +522,38 @@ def kernels_section(data):
                               ("us", lambda r: f"{r['us']:.1f}"),
                               ("vs dpflow", lambda r: relative_to_dpflow(r, by_pass[r["pass"]]))]))
     lines.append("")
-    check_update = by_pass.get("check + update, 2.1 MB", [])
-    dpflow_row = next((r for r in check_update if r["variant"].startswith("dpflow")), None)
-    numba_row = next((r for r in check_update if "numba" in r["variant"]), None)
-    if dpflow_row and numba_row:
-        saved = dpflow_row["us"] - numba_row["us"]
-        two = find(data["strong"], flavor="mpich", dtype="float32", world_size=2)
-        lines += [f"A numba kernel would fold the non-finite check and the update into loops that save {saved:.0f} us "
-                  f"per step, {saved / 1e3 / two['step_ms']:.1%} of the 2-rank step; "
-                  + ("that is under 5%, so numba (and its LLVM) is not a dependency of dpflow."
-                     if saved / 1e3 / two["step_ms"] < 0.05 else "over 5% of the step: worth a dependency."), ""]
+    two = find(data["strong"], flavor="mpich", dtype="float32", world_size=2)
+
+    def us(pass_name, marker):
+        return next((r["us"] for r in by_pass.get(pass_name, []) if marker in r["variant"]), None)
+
+    def share(microseconds):
+        return f"{microseconds / 1e3 / two['step_ms']:.1%} of the 2-rank step"
+
+    tried = []
+    python_work, gather = us("per-step Python work", "dpflow"), us("row gather", "dpflow")
+    if python_work is not None:
+        tried.append(f"The graph's own Python work (a step of a tiny model) is {python_work:.0f} us per step, {share(python_work)}.")
+    if gather is not None:
+        tried.append(f"The row gather of a shuffled batch is {gather:.0f} us, {share(gather)}; the minimal loop has none "
+                     "because it never shuffles, which training must.")
+    fused, numpy_check_update = us("check + update, 2.1 MB", "numba"), us("check + update, 2.1 MB", "dpflow")
+    if fused is not None:
+        saved = numpy_check_update - fused
+        tried.append(f"A numba kernel for the non-finite check and the update saves {saved:.0f} us per step, {share(saved)}"
+                     + ("; under 5%, so numba (and its LLVM) is not a dependency." if saved / 1e3 / two["step_ms"] < 0.05
+                        else "; over 5%: worth weighing as a dependency."))
+    saxpy, update = us("SGD update, 2.1 MB", "saxpy"), us("SGD update, 2.1 MB", "dpflow")
+    if saxpy is not None:
+        tried.append(f"scipy's saxpy does the SGD update in {saxpy:.0f} us against {update:.0f} us, but a BLAS may fuse the "
+                     "multiply and the add into one rounding where numpy rounds twice, so ranks on different CPUs could "
+                     "hold different parameters: not used.")
+    gemm_bias, numpy_bias = us("first layer: X @ W + b", "beta=1"), us("first layer: X @ W + b", "(dpflow)")
+    if gemm_bias is not None:
+        tried.append(f"The bias added by the GEMM itself (scipy sgemm, beta=1 onto the bias) takes {gemm_bias:.0f} us "
+                     f"against {numpy_bias:.0f} us for matmul then `z += b`: "
+                     + ("slower, not used." if gemm_bias >= numpy_bias else "faster, worth adopting."))
+    lines += [f"- {sentence}" for sentence in tried] + [""]
     return lines
 
 
@@ -592,13 +619,10 @@ def cluster_section(cluster):
         "## On the namespace test cluster (float32, global batch 256)", "",
         "Hosts of `scripts/cluster`, one rank each, MPI over TCP on veth links (no shared memory). All hosts",
         "share this machine's cores, so with 3 and 4 hosts each rank also waits for a core.", "",
-        table(cluster["settings"], [("setting", lambda r: r["extra"] or "default"),
-                                    ("samples/s", lambda r: f"{r['samples_per_sec']:,.0f}"),
-                                    ("step ms", lambda r: f"{r['step_ms']:.3f}"),
-                                    ("backward", lambda r: f"{r['backward_ms']:.3f}"),
-                                    ("sync wait", lambda r: f"{r['sync_ms']:.3f}"),
-                                    ("raw Allreduce", lambda r: f"{r['raw_allreduce_ms']:.3f}"),
-                                    ("load", lambda r: f"{r['load']:.1f}")]),
+        table(cluster["settings"], [("setting", lambda r: r["extra"] or "default"), column("samples/s", "samples_per_sec", ",.0f"),
+                                    column("step ms", "step_ms"), column("backward", "backward_ms"),
+                                    column("sync wait", "sync_ms"), column("raw Allreduce", "raw_allreduce_ms"),
+                                    column("load", "load", ".1f")]),
         "",
     ]
     shaped = cluster.get("shaped") or []

@@ -124,6 +124,31 @@ def bias_variants(rows, rng, blas):
     return result
 
 
+def gather_variants(rows, rng):
+    data = rng.standard_normal((60000, 784)).astype(np.float32)
+    index = rng.permutation(len(data))[:rows]
+    out = np.empty((rows, 784), np.float32)
+    return [("row gather", "np.take of the shuffled rows into a reused buffer (dpflow)",
+             median_us(lambda: np.take(data, index, axis=0, out=out))),
+            ("row gather", "pre-sharded contiguous rows, a view (the minimal loop: no shuffling)",
+             median_us(lambda: data[:rows]))]
+
+
+def framework_overhead():
+    """A whole dpflow step of a 4-4-4-3 model on 2 rows: what the graph's Python costs."""
+    import argparse
+
+    from dpflow.bench import bench_trainer
+    from dpflow.comm import LocalCommunicator
+
+    args = argparse.Namespace(batch_size=2, features=4, classes=3, hidden="4,4", dtype="float32",
+                              optimizer="sgd", reducer="flat", bucket_mb=0.0, no_sync=False)
+    trainer = bench_trainer(args, LocalCommunicator())
+    permutation, batch = np.arange(2), [(0, 2)]
+    return [("per-step Python work", "a whole dpflow step of a 4-4-4-3 model on 2 rows (dpflow)",
+             median_us(lambda: trainer.train_step(permutation, batch), repeats=2000, warmup=200))]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=128, help="rows per rank")
@@ -140,7 +165,8 @@ def main():
     except ImportError:
         blas = None
     rng = np.random.default_rng(0)
-    rows = relu_variants(args.rows, rng) + check_and_update_variants(rng, numba, blas) + bias_variants(args.rows, rng, blas)
+    rows = (relu_variants(args.rows, rng) + check_and_update_variants(rng, numba, blas)
+            + bias_variants(args.rows, rng, blas) + gather_variants(args.rows, rng) + framework_overhead())
     print(json.dumps([{"pass": name, "variant": variant, "us": us, "rows": args.rows} for name, variant, us in rows]))
 
 
