@@ -12,7 +12,12 @@ install_venv() {
     fi
     local stamp="$venv/.dpflow-installed"
     if [ ! -f "$stamp" ] || [ "$ROOT/pyproject.toml" -nt "$stamp" ]; then
-        echo "setup: installing dpflow[$extras] into $venv" >&2
+        echo "setup: installing dpflow-mpi[$extras] (the dpflow package) into $venv" >&2
+        # Before its distribution was renamed dpflow-mpi, this checkout installed as "dpflow"
+        # (an unrelated project's name on the package index): remove that record first.
+        if "$venv/bin/python" -m pip show --quiet dpflow >/dev/null 2>&1; then
+            "$venv/bin/python" -m pip uninstall --quiet --yes dpflow
+        fi
         "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$ROOT[$extras]"
         touch "$stamp"
     fi
