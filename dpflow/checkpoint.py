@@ -114,27 +114,88 @@ def read_checkpoint(path):
     except OSError as error:
         raise CheckpointError(f"cannot read {path}: {error.strerror}") from None
     try:
-        return decode(data, path)
+        arrays, meta = decode(data, path)
     except CheckpointError:
         raise
     except Exception as error:  # a checksum that matches but content numpy rejects
         raise CheckpointError(f"{path} is damaged: {error}") from None
+    check_contents(path, arrays, meta)
+    return arrays, meta
+
+
+# What a checkpoint's metadata must hold, and of which kind. A file whose checksum matches
+# can still hold impossible values (written by another tool, edited by hand, a bug): it is
+# treated like a damaged file, so `--resume` falls back to an older one.
+COUNTERS = ("epoch", "step_in_epoch", "global_step", "optimizer_steps")
+CONFIG_KEYS = ("dataset", "hidden", "activation", "optimizer", "dtype", "batch_size")
+
+
+def is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_contents(path, arrays, meta):
+    """CheckpointError naming the first impossible value in a decoded checkpoint."""
+    from .config import FIELDS, UsageError, coerce
+
+    def damaged(what):
+        raise CheckpointError(f"{path} is damaged: {what}")
+
+    if not isinstance(meta, dict):
+        damaged(f"its metadata is a {type(meta).__name__}, not a table")
+    for key in COUNTERS:
+        if key not in meta:
+            damaged(f"its metadata has no {key!r}")
+        if not is_count(meta[key]):
+            damaged(f"{key} is {meta[key]!r}, not a count >= 0")
+    if "samples_seen" in meta and not is_count(meta["samples_seen"]):
+        damaged(f"samples_seen is {meta['samples_seen']!r}, not a count >= 0")
+    if "seed" in meta and (not isinstance(meta["seed"], int) or isinstance(meta["seed"], bool)):
+        damaged(f"seed is {meta['seed']!r}, not an integer")
+    if meta["step_in_epoch"] > meta["global_step"] or meta["optimizer_steps"] > meta["global_step"]:
+        damaged(f"step_in_epoch {meta['step_in_epoch']} and optimizer_steps {meta['optimizer_steps']} "
+                f"cannot exceed global_step {meta['global_step']}")
+    named = NAME.match(os.path.basename(path))
+    if named and int(named.group(1)) != meta["global_step"]:
+        damaged(f"it says global_step {meta['global_step']} but its name says {int(named.group(1))}")
+    config, model = meta.get("config"), meta.get("model")
+    if not isinstance(config, dict):
+        damaged("its metadata has no config table")
+    for key in CONFIG_KEYS:
+        if key not in config:
+            damaged(f"its config has no {key!r}")
+    for key, value in config.items():
+        if key in FIELDS:
+            try:
+                coerce(key, value)
+            except UsageError as error:
+                damaged(f"its config: {error}")
+    if not isinstance(model, dict):
+        damaged("its metadata has no model table")
+    sizes = model.get("sizes")
+    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(is_count(n) and n > 0 for n in sizes)):
+        damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
+    if model.get("dtype") not in ("float32", "float64"):
+        damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
+    if not any(name.startswith("param/") for name in arrays):
+        damaged("it holds no parameters")
+    for name, array in arrays.items():
+        if array.dtype.kind != "f":
+            damaged(f"{name} holds {array.dtype} values, not floating point")
+        if name.startswith("param/") and array.dtype != np.dtype(model["dtype"]):
+            damaged(f"{name} is {array.dtype} but the model is {model['dtype']}")
+        if not np.isfinite(array).all():
+            damaged(f"{name} holds NaN or infinite values")
 
 
 def load_latest_valid(directory, warn=print):
     """(path, arrays, meta) of the newest checkpoint that verifies; warn about each skipped one.
 
-    Tries the `latest` pointer first, then every checkpoint from newest to oldest.
+    Every checkpoint from the highest step down: `latest` may point at an older one than
+    the newest that was written (a run killed between writing a checkpoint and moving the
+    pointer), and a damaged pointer must not hide the files themselves.
     """
-    candidates = []
-    try:
-        with open(os.path.join(directory, LATEST), "rb") as handle:
-            pointer = handle.read().decode("ascii", errors="replace").strip()
-        if NAME.match(pointer):  # a damaged pointer is ignored: the files themselves remain
-            candidates.append(os.path.join(directory, pointer))
-    except OSError:
-        pass
-    candidates += [path for path in list_checkpoints(directory) if path not in candidates]
+    candidates = list_checkpoints(directory)
     if not candidates:
         raise CheckpointError(
             f"no checkpoint (ckpt-*.dpf) in {directory}; point at the directory a run with "
@@ -160,6 +221,24 @@ def load_checkpoint_source(source, warn=print):
     if os.path.isdir(source):
         return load_latest_valid(source, warn=warn)
     return (source, *read_checkpoint(source))
+
+
+TEMPORARY = re.compile(r"^\.tmp-.*\.part$")
+
+
+def remove_temporaries(directory):
+    """Delete the temporary files of writes that were killed before their rename (they are
+    never a checkpoint). Only for the run that holds the directory's lock. Returns their names."""
+    try:
+        names = [name for name in os.listdir(directory) if TEMPORARY.match(name)]
+    except OSError:
+        return []
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+    return names
 
 
 def save_parameters(path, named_arrays):

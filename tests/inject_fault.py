@@ -5,7 +5,8 @@
 KIND: `raise` (an exception in the training step), `nan` (that rank's loss gradient becomes
 NaN), `exit` (the rank calls os._exit(3) as if it crashed). The fault fires on rank RANK when
 the global step reaches STEP; every other rank runs dpflow unchanged, through the same
-`dpflow.cli.main` the console script calls.
+`dpflow.cli.main` the console script calls. With DPFLOW_INJECT_ONCE=FILE set, the fault
+fires only if FILE does not exist yet, and creates it: a fault that a restart survives.
 """
 
 import os
@@ -19,8 +20,19 @@ rank, step, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 original_step = trainer.Trainer.train_step
 
 
+def first_time():
+    marker = os.environ.get("DPFLOW_INJECT_ONCE")
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
 def faulty_step(self, permutation, micro_batches):
-    if self.comm.rank == rank and self.global_step + 1 >= step:
+    if self.comm.rank == rank and self.global_step + 1 >= step and first_time():
         if kind == "raise":
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         if kind == "exit":
