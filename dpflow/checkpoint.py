@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 import threading
 import time
@@ -96,9 +97,10 @@ def list_checkpoints(directory):
 def save_checkpoint(directory, step, arrays, meta, keep=3):
     """Write checkpoint `step`, then move `latest` to it, then prune beyond `keep`.
 
-    Old checkpoints are deleted only after the new one and the pointer are committed.
+    Old checkpoints are deleted only after the new one and the pointer are committed. The
+    directory is never created here: one that vanished during the run (deleted, unmounted)
+    is a failed write, not a new place to write into.
     """
-    os.makedirs(directory, exist_ok=True)
     path = checkpoint_path(directory, step)
     atomic_write(path, encode(arrays, meta))
     atomic_write(os.path.join(directory, LATEST), os.path.basename(path).encode() + b"\n")
@@ -136,7 +138,8 @@ def is_count(value):
 
 def check_contents(path, arrays, meta):
     """CheckpointError naming the first impossible value in a decoded checkpoint."""
-    from .config import FIELDS, UsageError, coerce
+    from .config import FIELDS, coerce
+    from .errors import UsageError
 
     def damaged(what):
         raise CheckpointError(f"{path} is damaged: {what}")
@@ -177,6 +180,8 @@ def check_contents(path, arrays, meta):
         damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
     if model.get("dtype") not in ("float32", "float64"):
         damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
+    if meta.get("last_epoch") is not None and not isinstance(meta["last_epoch"], dict):
+        damaged(f"last_epoch is {meta['last_epoch']!r}, not a table")
     if not any(name.startswith("param/") for name in arrays):
         damaged("it holds no parameters")
     for name, array in arrays.items():
@@ -249,24 +254,63 @@ def save_parameters(path, named_arrays):
 
 
 def check_checkpoint_dir(directory, resume):
-    """Create the checkpoint directory if needed and prove a file can be written there.
-    A new run never writes into another run's checkpoints: pruning would delete them."""
-    if not resume and list_checkpoints(directory):
-        raise CheckpointError(
-            f"`checkpoint_dir` {directory} already holds checkpoints of another run; pass `resume` "
-            "to continue that run, or choose an empty directory"
-        )
+    """Create the checkpoint directory if needed, take its lock for this run (rank 0 only;
+    returned, to hold), remove the temporaries of writes that were killed, and prove a file
+    can be written there. A new run never writes into another run's checkpoints: pruning
+    would delete them."""
+    from .lock import DirectoryBusy, DirectoryLock
+
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write-test-{os.getpid()}")
-        with open(probe, "wb"):
-            pass
-        os.unlink(probe)
+        lock = DirectoryLock(directory).acquire()
+    except DirectoryBusy as busy:
+        raise CheckpointError(f"`checkpoint_dir` {busy}") from None
     except OSError as error:
         raise CheckpointError(
             f"`checkpoint_dir` {directory} is not writable ({error.strerror}); "
             "choose a directory you can write to"
         ) from None
+    try:
+        if not resume and list_checkpoints(directory):
+            raise CheckpointError(
+                f"`checkpoint_dir` {directory} already holds checkpoints of another run; pass `resume` "
+                "to continue that run, or choose an empty directory"
+            )
+        remove_temporaries(directory)
+        try:
+            probe = os.path.join(directory, f".write-test-{os.getpid()}")
+            with open(probe, "wb"):
+                pass
+            os.unlink(probe)
+        except OSError as error:
+            raise CheckpointError(
+                f"`checkpoint_dir` {directory} is not writable ({error.strerror}); "
+                "choose a directory you can write to"
+            ) from None
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def check_room(directory, arrays):
+    """Refuse a directory without room for two checkpoints of this size: the next one is
+    written beside the last before the older is deleted."""
+    need = 2 * (sum(array.nbytes for array in arrays.values()) + 64 * 1024)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+        raise CheckpointError(
+            f"`checkpoint_dir` {directory} has {free / 2**20:.1f} MB free; two checkpoints of this "
+            f"model need {need / 2**20:.1f} MB. Free some space or choose another directory"
+        )
+
+
+def free_space(directory):
+    """'N MB free' on the filesystem of `directory`, or why that cannot be said."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 2**20:.1f} MB free"
+    except OSError as error:
+        return f"the directory cannot be read: {error.strerror}"
 
 
 # --- a trainer's state ----------------------------------------------------------------------
@@ -292,7 +336,10 @@ def training_state(trainer):
     meta = {"dpflow_version": __version__, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
             "global_step": trainer.global_step, "optimizer_steps": trainer.optimizer.steps,
             "samples_seen": trainer.samples_seen(), "seed": trainer.config.seed,
-            "config": dataclasses.asdict(trainer.config), "history": list(trainer.history),
+            "config": dataclasses.asdict(trainer.config),
+            # The last epoch's record only: the whole history lives in the metrics file, and a
+            # checkpoint must not grow with the length of the run.
+            "last_epoch": trainer.history[-1] if trainer.history else None,
             "model": {"sizes": trainer.model.sizes, "activation": trainer.model.activation,
                       "dtype": trainer.dtype.name},
             "noise": trainer.noise.state() if trainer.noise else None}
@@ -304,20 +351,42 @@ def training_state(trainer):
 
 class CheckpointWriter:
     """Rank 0's checkpoint writes, each in a thread so that its I/O never holds the next
-    collective. An exception in the thread ends the job (see `failure.SafetyNet`)."""
+    collective.
 
-    def __init__(self, directory, keep):
-        self.directory, self.keep = directory, keep
+    A write that fails (disk full, a read-only or vanished directory) never costs an older
+    checkpoint: the new file is written beside them and `latest` moves only after it is
+    complete. Such a failure is not the end of the run either: it is reported with the
+    path and the free space, training goes on, the next checkpoint tries again, and the run
+    ends saying how old its last checkpoint is (`behind`).
+    """
+
+    def __init__(self, directory, keep, warn=print):
+        self.directory, self.keep, self.warn = directory, keep, warn
         self.last = None  # the newest checkpoint written or resumed from
+        self.last_step = None
+        self.failures = 0
+        self.last_error = None
+        self.started = time.monotonic()  # when the last write began (or the run did)
         self.thread = None
         self.tracer = None  # a trace.Tracer shows each write on the writer thread's track
 
     def start(self, step, arrays, meta, beat):
         self.wait(beat)
+        self.started = time.monotonic()
 
         def write():
             started = time.perf_counter()
-            self.last = save_checkpoint(self.directory, step, arrays, meta, self.keep)
+            try:
+                path = save_checkpoint(self.directory, step, arrays, meta, self.keep)
+            except OSError as error:
+                self.failures += 1
+                where = error.filename or self.directory
+                self.last_error = f"{error.strerror or error} ({where}; {free_space(self.directory)})"
+                kept = f"the last checkpoint is still {self.last}" if self.last else "no checkpoint was written yet"
+                self.warn(f"warning: checkpoint at step {step} not written: {self.last_error}; {kept}. "
+                          "Training goes on; the next checkpoint tries again")
+                return
+            self.last, self.last_step = path, step
             if self.tracer:
                 self.tracer.add("checkpoint write", started, time.perf_counter(), "checkpoint", step=step)
 
@@ -331,6 +400,14 @@ class CheckpointWriter:
                 beat("writing a checkpoint")
                 self.thread.join(timeout=1.0)
             self.thread = None
+
+    def behind(self, step):
+        """Why the last checkpoint is older than `step` after failed writes, or None."""
+        if not self.failures or self.last_step == step:
+            return None
+        last = f"{self.last} (step {self.last_step})" if self.last else "none"
+        return (f"the last checkpoint is older than the end of the run (step {step}): {last}; "
+                f"{self.failures} checkpoint write(s) failed, the last with {self.last_error}")
 
 
 def load_checkpoint(trainer, source, for_training=True, loaded=None):
@@ -365,10 +442,11 @@ def load_checkpoint(trainer, source, for_training=True, loaded=None):
         optimizer.steps = int(meta["optimizer_steps"])
         trainer.epoch, trainer.step_in_epoch = int(meta["epoch"]), int(meta["step_in_epoch"])
         trainer.global_step = int(meta["global_step"])
-        trainer.history = list(meta.get("history", []))
+        last = meta.get("last_epoch") or (meta.get("history") or [None])[-1]  # older files: "history"
+        trainer.history = [last] if last else []
         if trainer.noise and meta.get("noise"):
             trainer.noise.load_state(meta["noise"])
-        trainer.checkpoints.last = path
+        trainer.checkpoints.last, trainer.checkpoints.last_step = path, trainer.global_step
     return path
 
 

@@ -1,7 +1,9 @@
 """`dpflow train | eval | info | plot | bench`: the parser, one table of commands, and `main`.
 
 Exit status: 0 success; 2 bad usage, config or data (one message from rank 0, no traceback);
-1 a failure during training; 128 + N after signal N. Any other exception on any rank prints
+1 a failure during training; 3 training finished but its last checkpoint is older than its
+end (checkpoint writes failed: disk full, read-only or vanished directory); 128 + N after
+signal N. Any other exception on any rank prints
 one line naming the rank and host, then aborts every rank (see `failure`), so the job can
 never hang on it. The library's errors name settings; here they are shown as flags.
 """
@@ -69,6 +71,9 @@ TRAIN_HELP = {
     "seed": "initialisation and shuffling seed (default %(default)s)",
     "checkpoint_dir": "directory for checkpoints (none by default)",
     "checkpoint_every": "epochs between checkpoints (default %(default)s)",
+    "checkpoint_every_steps": "also a checkpoint every N steps; 0 off (default %(default)s)",
+    "checkpoint_every_seconds": "also a checkpoint when this many seconds passed since the last one "
+                                "(a preempted run loses at most this much); 0 off (default %(default)s)",
     "keep_checkpoints": "checkpoints kept in the directory (default %(default)s)",
     "resume": "continue from the newest valid checkpoint in --checkpoint-dir",
     "metrics": "write JSON lines of metrics to this file",
@@ -125,6 +130,9 @@ def check_output_path(name, path):
                          "writable; create it or choose another path")
 
 
+CHECKPOINT_BEHIND = 3  # trained to the end, but the last checkpoint writes failed
+
+
 def spell_setting(name):
     """A setting's name as the command line spells it (`batch_size` -> --batch-size)."""
     return flag(name) if name in FIELDS else None
@@ -156,14 +164,19 @@ def start_trace(comm, path):
 
 
 def run_train(args, comm, safety):
+    from .checkpoint import check_room, training_state
+    from .launch import ProgressFile
+    from .signals import StopRequest
     from .trainer import Trainer, check_batch_size
 
     config = agree(comm, lambda: train_config(args))
+    # From the start a signal is a stop request for the first step boundary, never a crash.
+    stop = StopRequest().install()
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
     watchdog = safety.start_watchdog(config.stall_timeout, flag("stall_timeout"))
     tracer = start_trace(comm, config.trace)
     phase = (lambda name: tracer.span(name, "start-up")) if tracer else (lambda name: contextlib.nullcontext())
-    reporter = None
+    reporter = lock = None
     try:
         watchdog.beat("loading the dataset")
         with phase("load the dataset"):
@@ -172,25 +185,39 @@ def run_train(args, comm, safety):
         with phase("start-up checks"):
             check_same_run(comm, config_dict(config), data)
         agree(comm, lambda: check_batch_size(config.batch_size, comm.size))
-        if config.checkpoint_dir:
-            agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume) if comm.is_root else None)
+        if config.checkpoint_dir:  # rank 0 holds the directory's lock until it exits
+            lock = agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume)
+                         if comm.is_root else None)
         for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
         with phase("build the model, broadcast rank 0's parameters"):
             trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
         trainer.tracer = trainer.checkpoints.tracer = tracer
+        trainer.stop = stop
+        if config.checkpoint_dir:
+            agree(comm, lambda: check_room(config.checkpoint_dir, training_state(trainer)[0])
+                  if comm.is_root else None)
         watchdog.beat("resuming")
         with phase("resume"):
             resumed_from = load_checkpoint(trainer, config.checkpoint_dir) if config.resume else None
+        if resumed_from and config.metrics and comm.is_root:
+            output.truncate_metrics(config.metrics, trainer.global_step)
         hosts = output.describe_hosts(comm)
         reporter = output.Reporter(config, comm, append=bool(resumed_from))
         reporter.print(*output.banner_lines(trainer, comm, hosts))
         if resumed_from:
             reporter.print(f"resumed from {resumed_from} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
         reporter.print(output.EPOCH_HEADER)
-        trainer.stop.install()
-        history = trainer.fit(on_epoch=reporter.on_epoch, on_step=reporter.on_step, watchdog=watchdog)
+        # `dpflow launch` reads rank 0's step from this file to count the steps a restart redoes.
+        progress = ProgressFile() if comm.is_root else ProgressFile({})
+        progress.step(trainer.global_step)
+
+        def on_step(trainer, loss):
+            reporter.on_step(trainer, loss)
+            progress.step(trainer.global_step)
+
+        history = trainer.fit(on_epoch=reporter.on_epoch, on_step=on_step, watchdog=watchdog)
         if tracer:
             tracer.gather_and_write(comm, config.trace)
     except DpflowError as error:
@@ -201,14 +228,22 @@ def run_train(args, comm, safety):
         watchdog.stop()
         if reporter:
             reporter.close()
+        if lock:
+            lock.release()
     if config.save and comm.is_root:
         save_parameters(config.save, trainer.parameters())
+    progress.done(trainer.global_step)
     if history:
         last = history[-1]
         reporter.print(f"done: test accuracy {last['test_accuracy']:.2%}, test loss {last['test_loss']:.4f}"
                        + (f"; parameters saved to {config.save}" if config.save else ""))
         if last.get("noise_scale") is not None:
             reporter.print(output.noise_line(last["noise_scale"], config.batch_size * config.accumulate))
+    behind = trainer.checkpoints.behind(trainer.global_step) if comm.is_root else None
+    if comm.broadcast_object(behind):
+        if comm.is_root:
+            sys.stderr.write(f"dpflow: warning: training finished, but {behind}\n")
+        return CHECKPOINT_BEHIND
     return 0
 
 
@@ -284,6 +319,9 @@ COMMANDS = {
     "plot": (run_plot, add_plot_arguments, "loss and accuracy curves from a --metrics file as a PNG", None),
     "bench": (run_bench, bench.add_bench_arguments,
               "measure step time, its parts and the gradient sync (run under mpirun)", None),
+    # Dispatched by main before MPI starts; listed here for --help.
+    "launch": (None, None, "run train under mpiexec and restart it on the hosts left when it fails "
+                           "(dpflow launch --help)", None),
 }
 
 
@@ -302,6 +340,11 @@ def build_parser():
 def main(argv=None):
     """The console script. Every exception ends here, mapped to one exit status for the
     whole job (`failure.end_command`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["launch"]:  # a supervisor of mpiexec: no MPI in this process
+        from .launch import main as launch_main
+
+        return launch_main(argv[1:])
     comm = None
     try:
         args = build_parser().parse_args(argv)

@@ -49,6 +49,8 @@ class TrainConfig:
     # Checkpoints and output
     checkpoint_dir: str = ""  # "" means no periodic checkpoints
     checkpoint_every: int = 1  # epochs
+    checkpoint_every_steps: int = 0  # also every N steps; 0: off
+    checkpoint_every_seconds: float = 0.0  # also when this long has passed (rank 0's clock); 0: off
     keep_checkpoints: int = 3
     resume: bool = False
     metrics: str = ""  # JSON lines path; "" for none
@@ -80,6 +82,7 @@ CHOICES = {
 POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "checkpoint_every",
             "keep_checkpoints", "samples", "features")
 NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
+                "checkpoint_every_steps", "checkpoint_every_seconds",
                 "stall_timeout", "bucket_mb", "min_lr")
 # Settings whose default is None ("not set"): the type a given value must have.
 OPTIONAL_TYPES = {"trust_coefficient": float}

@@ -44,7 +44,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from .config import UsageError
+from .errors import UsageError
 from .launcher import launched_by_mpi
 
 PROGRESS_VARIABLE = "DPFLOW_PROGRESS_FILE"
@@ -52,6 +52,7 @@ PROGRESS_NAME = ".progress"  # in the checkpoint directory
 RANK_COMMAND_VARIABLE = "DPFLOW_LAUNCH_RANK_COMMAND"  # what each rank runs instead of python -m dpflow
 BAD_INPUT = 2
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+CHECKPOINT_BEHIND = 3  # `dpflow train`: finished, but the last checkpoint writes failed
 FAILED_RANK = re.compile(r"dpflow: rank (\d+) on (\S+?)[: ]")
 
 
@@ -496,6 +497,8 @@ class Supervisor:
                                f"stopped by {name} (passed to the job; no restart)")
         if status == 0 and (attempt.done or attempt.reached_step is None and not os.path.exists(self.progress)):
             return self.finish(0, "the job completed")
+        if status == CHECKPOINT_BEHIND and attempt.done:
+            return self.finish(status, "the job completed, but its last checkpoint writes failed")
         if status == BAD_INPUT:
             return self.finish(BAD_INPUT, "the job refused its input (exit 2): a restart would fail the same way")
         if status in STOPPED:
@@ -674,7 +677,9 @@ def main(argv=None):
     try:
         return run_launch(parser.parse_args(argv))
     except UsageError as error:
-        print(f"dpflow launch: error: {error}", file=sys.stderr)
+        from .cli import spell_setting
+
+        print(f"dpflow launch: error: {error.render(spell_setting)}", file=sys.stderr)
         return BAD_INPUT
 
 

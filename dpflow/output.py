@@ -79,6 +79,28 @@ def epoch_line(record, epochs):
             f"{record['samples_per_sec'] or 0:>10,.0f} {record['comm_fraction'] or 0:>6.1%}")
 
 
+def truncate_metrics(path, step):
+    """Drop the records past `step` (the checkpoint a resume starts from) and any line a
+    crash cut short, so that the resumed run appends without writing an epoch twice."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    if len(kept) != len(lines):
+        from .checkpoint import atomic_write
+
+        atomic_write(path, "".join(kept).encode())
+
+
 class Reporter:
     """Rank 0's output: banner, progress bar or plain lines, metrics file."""
 

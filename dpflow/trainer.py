@@ -35,9 +35,12 @@ from .schedule import Schedule, scaled_lr
 from .sharding import batch_bounds, epoch_permutation, shard_bounds
 from .signals import StopRequest
 
-# Trailing slots of the gradient buffer that ride along with the one allreduce.
-LOSS_SLOT, STOP_SLOT, NOISE_SLOT = 0, 1, 2
-EXTRA_SLOTS = 3
+# Trailing slots of the gradient buffer that ride along with the one allreduce: the loss, how
+# many ranks were asked to stop, the noise scale's norm, how many of the stopping ranks were
+# asked by SIGTERM (the scheduler's signal names the stop when both came), and rank 0's "a
+# checkpoint is due" (its clock decides).
+LOSS_SLOT, STOP_SLOT, NOISE_SLOT, TERM_SLOT, SAVE_SLOT = 0, 1, 2, 3, 4
+EXTRA_SLOTS = 5
 # The noise scale's two squared norms cost about 1.5 / (local rows) of a step (measured with
 # a 784-128-64-10 MLP); `noise_scale` auto measures one step in ceil(NOISE_ROWS / local rows),
 # which keeps that below 1% (SCALING.md has the figures).
@@ -84,7 +87,9 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.stop = StopRequest()  # this rank's signal; install() it to receive them
         self.stop_agreed = False  # set when any rank was signalled, read from the allreduce
-        self.checkpoints = checkpoint.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints)
+        self.checkpoints = checkpoint.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints, self.log)
+        self.stop_signum = None  # the signal every rank agreed stopped the run
+        self.save_agreed = False  # rank 0's timer said a checkpoint is due, read from the allreduce
         self.history = []
         self.batch_buffers = {}
         self.comm_seconds = 0.0
@@ -192,9 +197,13 @@ class Trainer:
                 self.tracer.add("check", reduced, checked)
                 self.tracer.add("update", checked, updated)
         self.global_step += 1
-        # Decided from the reduced slot, never from this rank's own flag: a signal that lands
+        # Decided from the reduced slots, never from this rank's own flag: a signal that lands
         # after the allreduce must not make this rank stop one step before the others.
-        self.stop_agreed = self.flat.extra[STOP_SLOT] > 0
+        extra = self.flat.extra
+        self.stop_agreed = extra[STOP_SLOT] > 0
+        if self.stop_agreed:
+            self.stop_signum = signal.SIGTERM if extra[TERM_SLOT] > 0 else signal.SIGINT
+        self.save_agreed = extra[SAVE_SLOT] > 0
         return global_loss if finite else float("nan")
 
     def gather(self, permutation, start, stop):
@@ -223,6 +232,8 @@ class Trainer:
         self.flat.extra[LOSS_SLOT] = loss_sum
         self.flat.extra[STOP_SLOT] = 1.0 if self.stop.signum else 0.0
         self.flat.extra[NOISE_SLOT] = 0.0  # set after backward on the steps that measure it
+        self.flat.extra[TERM_SLOT] = 1.0 if self.stop.signum == signal.SIGTERM else 0.0
+        self.flat.extra[SAVE_SLOT] = 1.0 if self.checkpoint_due() else 0.0
         return loss_sum
 
     def backward(self, index, count):
@@ -306,6 +317,12 @@ class Trainer:
         done_batches = self.step_in_epoch * self.config.accumulate
         return self.epoch * len(self.x_train) + min(done_batches * self.config.batch_size, len(self.x_train))
 
+    def checkpoint_due(self):
+        """Rank 0's clock: `checkpoint_every_seconds` since the last checkpoint began."""
+        every = self.config.checkpoint_every_seconds
+        return (bool(every) and self.comm.is_root and bool(self.config.checkpoint_dir)
+                and time.monotonic() - self.checkpoints.started >= every)
+
     def save_checkpoint(self):
         """Rank 0 starts writing in the background; the others go on at once. Non-finite
         parameters are never saved."""
@@ -331,6 +348,7 @@ class Trainer:
             batches = batch_bounds(n_train, config.batch_size)
             epoch_loss, epoch_rows, epoch_samples, epoch_started = 0.0, 0, 0, time.perf_counter()
             self.comm_seconds = 0.0
+            save_due = False
             while self.step_in_epoch < steps:
                 first = self.step_in_epoch * config.accumulate
                 micro_batches = batches[first: first + config.accumulate]
@@ -348,9 +366,13 @@ class Trainer:
                 if on_step:
                     on_step(self, loss)
                 if self.stop_agreed:
-                    self.save_checkpoint()
+                    self.save_checkpoint()  # after the one in flight, if any
                     self.checkpoints.wait(beat)
-                    raise Interrupted(self.stop.signum or signal.SIGTERM, self.interrupted_message())
+                    raise Interrupted(self.stop_signum, self.interrupted_message())
+                every = config.checkpoint_every_steps
+                save_due = self.save_agreed or (every and self.global_step % every == 0)
+                if save_due and self.step_in_epoch < steps:
+                    self.save_checkpoint()
             elapsed = time.perf_counter() - epoch_started
             beat(f"evaluation after epoch {self.epoch + 1}")
             started = time.perf_counter()
@@ -375,18 +397,26 @@ class Trainer:
             self.step_in_epoch = 0
             if on_epoch:
                 on_epoch(self, record)
-            if config.checkpoint_dir and (self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs):
+            # A checkpoint due at the epoch's last step is written here, after the evaluation.
+            if config.checkpoint_dir and (self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs
+                                          or save_due):
                 self.save_checkpoint()
         self.check_consistency()
         self.checkpoints.wait(beat)
         return self.history
 
     def interrupted_message(self):
-        if self.last_checkpoint and self.config.checkpoint_dir:
+        written = self.checkpoints.last_step == self.global_step
+        if not self.config.checkpoint_dir:
+            saved = "nothing saved (set `checkpoint_dir` to make runs resumable)"
+        elif written:
             saved = f"checkpoint written to {self.last_checkpoint}; continue with `resume`"
         else:
-            saved = "nothing saved (set `checkpoint_dir` to make runs resumable)"
-        return f"stopped by {self.stop.name()} at step {self.global_step} (epoch {self.epoch + 1}); {saved}"
+            saved = (f"the stop checkpoint was not written ({self.checkpoints.last_error}); "
+                     + (f"continue with `resume` from {self.last_checkpoint} (step {self.checkpoints.last_step})"
+                        if self.last_checkpoint else "no checkpoint was written"))
+        name = signal.Signals(self.stop_signum).name
+        return f"stopped by {name} at step {self.global_step} (epoch {self.epoch + 1}); {saved}"
 
     def parameters(self):
         return {name: np.array(value) for name, value in self.flat.as_dict().items()}

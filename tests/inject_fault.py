@@ -3,7 +3,10 @@
     mpiexec -n 4 python tests/inject_fault.py RANK STEP KIND dpflow-args...
 
 KIND: `raise` (an exception in the training step), `nan` (that rank's loss gradient becomes
-NaN), `exit` (the rank calls os._exit(3) as if it crashed). The fault fires on rank RANK when
+NaN), `exit` (the rank calls os._exit(3) as if it crashed), `hold` (the rank creates
+$DPFLOW_HOLD_DIR/held before step STEP and waits, for at most 60 s, until the test creates
+$DPFLOW_HOLD_DIR/release: the whole job stands still at a known step while the test sends
+its signals; it creates $DPFLOW_HOLD_DIR/signalled once it has a stop request). The fault fires on rank RANK when
 the global step reaches STEP; every other rank runs dpflow unchanged, through the same
 `dpflow.cli.main` the console script calls. With DPFLOW_INJECT_ONCE=FILE set, the fault
 fires only if FILE does not exist yet, and creates it: a fault that a restart survives.
@@ -11,6 +14,7 @@ fires only if FILE does not exist yet, and creates it: a fault that a restart su
 
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -37,6 +41,14 @@ def faulty_step(self, permutation, micro_batches):
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         if kind == "exit":
             os._exit(3)
+        if kind == "hold" and self.global_step + 1 == step:
+            hold = os.environ["DPFLOW_HOLD_DIR"]
+            open(os.path.join(hold, "held"), "w").close()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(os.path.join(hold, "release")) and time.monotonic() < deadline:
+                time.sleep(0.01)  # signals are handled here, between sleeps
+                if self.stop.signum and not os.path.exists(os.path.join(hold, "signalled")):
+                    open(os.path.join(hold, "signalled"), "w").close()
         if kind == "nan":  # from now on this rank's batches are all NaN
             self.x_train = np.full_like(self.x_train, np.nan)
     return original_step(self, permutation, micro_batches)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, mpiexec
-from dpflow.config import UsageError
-from dpflow.data import batch_bounds
+from dpflow.errors import UsageError
+from dpflow.sharding import batch_bounds
 from dpflow.launch import Host, merge_hosts, parse_host, plan_batch, read_hostfile, read_progress
 
 INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
