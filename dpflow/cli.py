@@ -11,14 +11,16 @@ never hang on it. The library's errors name settings; here they are shown as fla
 import argparse
 import contextlib
 import os
+import stat
 import sys
+import zipfile
 
 from . import __version__, _threads, bench, failure, output
 from .agreement import agree, check_same_run
 from .checkpoint import check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters
 from .config import FIELDS, CHOICES, TrainConfig, build_config, coerce, config_dict, flag, load_toml
 from .data import load_dataset
-from .errors import DpflowError, UsageError
+from .errors import DataError, DpflowError, TrainingError, UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import launcher_rank
@@ -125,9 +127,15 @@ def check_output_path(name, path):
     if os.path.isdir(path):
         raise UsageError(f"{flag(name)} {path} is a directory; give a file path, e.g. {os.path.join(path, 'run.npz' if name == 'save' else 'metrics.jsonl')}")
     parent = os.path.dirname(os.path.abspath(path))
-    if not os.access(parent, os.W_OK):
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UsageError(f"{flag(name)} {path}: the directory {parent} does not exist or is not "
                          "writable; create it or choose another path")
+    if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
+        raise UsageError(f"{flag(name)} {path} exists and is not a regular file; give a file path")
+    limit = os.pathconf(parent, "PC_NAME_MAX")
+    if len(os.fsencode(os.path.basename(path))) > limit:
+        raise UsageError(f"{flag(name)}: the file name {os.path.basename(path)[:40]}... is longer than "
+                         f"the {limit} bytes this filesystem allows")
 
 
 CHECKPOINT_BEHIND = 3  # trained to the end, but the last checkpoint writes failed
@@ -140,8 +148,26 @@ def spell_setting(name):
 
 def load_data(comm, config):
     """The run's dataset, loaded by every rank; bad data stops every rank. Collective."""
-    return agree(comm, lambda: load_dataset(config.dataset, config.samples, config.features,
-                                            config.classes, config.seed))
+    return agree(comm, lambda: read_dataset(config))
+
+
+# What reading a file the user named can raise when its bytes are not what they should be.
+UNREADABLE = (OSError, EOFError, ValueError, KeyError, IndexError, ArithmeticError, MemoryError,
+              UnicodeError, zipfile.BadZipFile)
+
+
+def read_dataset(config):
+    """load_dataset, with any failure that the dataset's contents cause reported as bad data
+    (exit 2, naming the dataset) rather than as a crash of the program."""
+    try:
+        return load_dataset(config.dataset, config.samples, config.features, config.classes, config.seed)
+    except DataError:
+        raise
+    except MemoryError:
+        raise DataError(f"--dataset {config.dataset} does not fit in this machine's memory; use a "
+                        "smaller one (or smaller --samples/--features)") from None
+    except UNREADABLE as error:
+        raise DataError(f"--dataset {config.dataset} cannot be used: {type(error).__name__}: {error}") from None
 
 
 def start_trace(comm, path):
@@ -167,7 +193,7 @@ def run_train(args, comm, safety):
     from .checkpoint import check_room, training_state
     from .launch import ProgressFile
     from .signals import StopRequest
-    from .trainer import Trainer, check_batch_size
+    from .trainer import Trainer, check_batch_size, check_model_fits
 
     config = agree(comm, lambda: train_config(args))
     # From the start a signal is a stop request for the first step boundary, never a crash.
@@ -191,6 +217,8 @@ def run_train(args, comm, safety):
         for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
+        # Free memory may differ between nodes: every rank's verdict is shared.
+        agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
         with phase("build the model, broadcast rank 0's parameters"):
             trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
         trainer.tracer = trainer.checkpoints.tracer = tracer
@@ -230,8 +258,20 @@ def run_train(args, comm, safety):
             reporter.close()
         if lock:
             lock.release()
+    save_error = None
     if config.save and comm.is_root:
-        save_parameters(config.save, trainer.parameters())
+        try:
+            save_parameters(config.save, trainer.parameters())
+        except OSError as error:
+            from .checkpoint import free_space
+
+            where = os.path.dirname(os.path.abspath(config.save))
+            save_error = (f"the final parameters could not be written to --save {config.save} "
+                          f"({error.strerror}; {free_space(where)})"
+                          + (f"; the last checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint else ""))
+    save_error = comm.broadcast_object(save_error)
+    if save_error:
+        raise TrainingError(save_error)
     progress.done(trainer.global_step)
     if history:
         last = history[-1]

@@ -81,7 +81,9 @@ CHOICES = {
 }
 POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "checkpoint_every",
             "keep_checkpoints", "samples", "features")
-NON_NEGATIVE = ("momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
+# Counts beyond this are typing mistakes, and would overflow the arrays they size.
+MAX_COUNT = 2**31 - 1
+NON_NEGATIVE = ("seed", "momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
                 "checkpoint_every_steps", "checkpoint_every_seconds",
                 "stall_timeout", "bucket_mb", "min_lr")
 # Settings whose default is None ("not set"): the type a given value must have.
@@ -151,15 +153,39 @@ def coerce(name, value):
     return value
 
 
-def load_toml(path):
-    """The keys of a TOML config file (flag names with - or _; an optional [train] table)."""
+MAX_TEXT_FILE = 1 << 20  # a config file or hostfile larger than this is not one
+
+
+def read_text_file(path, what, limit=MAX_TEXT_FILE):
+    """The text of a small UTF-8 file a user names (`what` is how they named it, e.g.
+    `--config c.toml`): a device, a FIFO, a huge or binary file is refused, never read."""
+    import os
+    import stat
+
     try:
         with open(path, "rb") as handle:
-            table = tomllib.load(handle)
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise UsageError(f"{what} is not a regular file; give the path of a text file")
+            if info.st_size > limit:
+                raise UsageError(f"{what} is {info.st_size:,} bytes, more than a text file of "
+                                 f"settings can be ({limit:,}); check the path")
+            data = handle.read(limit + 1)
     except FileNotFoundError:
-        raise UsageError(f"--config {path}: no such file; check the path") from None
+        raise UsageError(f"{what}: no such file; check the path") from None
     except OSError as error:
-        raise UsageError(f"--config {path}: cannot read it ({error.strerror})") from None
+        raise UsageError(f"{what}: cannot read it ({error.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{what} is not UTF-8 text (byte {error.start}); give a text file") from None
+
+
+def load_toml(path):
+    """The keys of a TOML config file (flag names with - or _; an optional [train] table)."""
+    text = read_text_file(path, f"--config {path}")
+    try:
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"--config {path} is not valid TOML: {error}") from None
     if set(table) == {"train"} and isinstance(table["train"], dict):
@@ -198,6 +224,12 @@ def validate(config):
         value = getattr(config, name)
         if not value > 0:
             raise UsageError(f"{flag(name)} must be > 0, got {value!r}")
+    for name, spec in FIELDS.items():
+        value = getattr(config, name)
+        if spec.type in (int, "int") and not isinstance(value, bool) and isinstance(value, int) and value > MAX_COUNT:
+            raise UsageError(f"{flag(name)} must be at most {MAX_COUNT}, got {value}")
+    if any(size > MAX_COUNT for size in config.hidden):
+        raise UsageError(f"--hidden sizes must be at most {MAX_COUNT}, got {config.hidden}")
     for name in NON_NEGATIVE:
         value = getattr(config, name)
         if not value >= 0:

@@ -267,6 +267,8 @@ def check_dataset(data):
                 f"{data.name}: x_{split} has {np.count_nonzero(~np.isfinite(x))} NaN or infinite "
                 "values; clean or impute them before training"
             )
+    if data.x_train.shape[1] == 0:
+        raise DataError(f"{data.name}: x_train has no feature columns; give at least one")
     if data.x_test.shape[1] != data.x_train.shape[1]:
         raise DataError(
             f"{data.name}: x_train has {data.x_train.shape[1]} features but x_test has "

@@ -54,6 +54,7 @@ BAD_INPUT = 2
 STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)
 CHECKPOINT_BEHIND = 3  # `dpflow train`: finished, but the last checkpoint writes failed
 FAILED_RANK = re.compile(r"dpflow: rank (\d+) on (\S+?)[: ]")
+KILLED_RANK = re.compile(r"RUNNING AT (\S+)")  # MPICH's "BAD TERMINATION" report
 
 
 def log(message):
@@ -92,11 +93,9 @@ def parse_host(text, where):
 
 
 def read_hostfile(path):
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().splitlines()
-    except OSError as error:
-        raise UsageError(f"--hostfile {path}: cannot read it ({error.strerror})") from None
+    from .config import read_text_file
+
+    lines = read_text_file(path, f"--hostfile {path}").splitlines()
     hosts = []
     for number, line in enumerate(lines, 1):
         line = line.split("#", 1)[0].strip()
@@ -309,26 +308,33 @@ def newest_checkpoint(directory):
 
 # --- one attempt ------------------------------------------------------------------------
 
-class StderrTail(threading.Thread):
-    """Copies the job's stderr through as it comes, keeping its last lines to read the
-    failing rank's report."""
+class OutputTail(threading.Thread):
+    """Copies one of the job's output streams through as it comes, keeping its last lines
+    to read the failing rank's report (dpflow's on stderr, MPICH's on stdout)."""
 
-    def __init__(self, stream):
-        super().__init__(name="dpflow-launch-stderr", daemon=True)
-        self.stream = stream
+    def __init__(self, stream, out):
+        super().__init__(name="dpflow-launch-output", daemon=True)
+        self.stream, self.out = stream, out
         self.tail = b""
 
     def run(self):
         fd = self.stream.fileno()
         while chunk := os.read(fd, 65536):
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
+            self.out.buffer.write(chunk)
+            self.out.buffer.flush()
             self.tail = (self.tail + chunk)[-16384:]
 
-    def failed_rank(self):
-        """(rank, host) named by the job's failure line, or None."""
-        found = FAILED_RANK.findall(self.tail.decode(errors="replace"))
-        return (int(found[-1][0]), found[-1][1]) if found else None
+
+
+def failed_rank(output):
+    """(rank or None, host) named by the job's failure line (dpflow's own, or MPICH's
+    report of a rank that died), or None."""
+    text = output.decode(errors="replace")
+    found = FAILED_RANK.findall(text)
+    if found:
+        return int(found[-1][0]), found[-1][1]
+    died = KILLED_RANK.findall(text)
+    return (None, died[-1]) if died else None
 
 
 @dataclass
@@ -348,8 +354,8 @@ class Attempt:
     seconds: float = 0.0
 
     def steps_redone(self, next_step):
-        if self.reached_step is None:
-            return None
+        if self.reached_step is None:  # it never reached its first step: nothing to redo
+            return 0
         return max(0, self.reached_step - next_step)
 
 
@@ -422,18 +428,21 @@ class Supervisor:
         command = self.launcher.job(hostfile, attempt.world, self.command(attempt))
         env = dict(os.environ, **{PROGRESS_VARIABLE: os.path.abspath(self.progress)})
         started = time.monotonic()
-        self.job = subprocess.Popen(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
-                                    start_new_session=True, preexec_fn=die_with_parent(signal.SIGTERM))
-        tail = StderrTail(self.job.stderr)
-        tail.start()
+        self.job = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, start_new_session=True,
+                                    preexec_fn=die_with_parent(signal.SIGTERM))
+        tails = [OutputTail(self.job.stdout, sys.stdout), OutputTail(self.job.stderr, sys.stderr)]
+        for tail in tails:
+            tail.start()
         if self.stop_signal:  # a signal that came while the job was starting
             os.kill(self.job.pid, self.stop_signal)
         attempt.status = self.wait(self.job)
-        tail.join(timeout=10)
+        for tail in tails:
+            tail.join(timeout=10)
         self.job = None
         attempt.seconds = time.monotonic() - started
         attempt.reached_step, attempt.done = read_progress(self.progress)
-        attempt.failed_rank = tail.failed_rank()
+        attempt.failed_rank = failed_rank(b"".join(tail.tail for tail in tails))
 
     def wait(self, job):
         """The job's exit status; a job whose ranks made no progress for far longer than
@@ -471,6 +480,18 @@ class Supervisor:
         hosts = self.hosts()
         if hosts and options.min_hosts > len(hosts):
             raise UsageError(f"--min-hosts {options.min_hosts} is more than the {len(hosts)} hosts given")
+        if hosts:  # a host that is down already is left out from the start
+            alive = probe_hosts(self.launcher, hosts, options.probe_timeout, lambda: self.stop_signal)
+            if self.stop_signal:
+                return 128 + self.stop_signal
+            silent = [host.name for host in hosts if host.name not in alive]
+            if silent:
+                log(f"host{'s' if len(silent) > 1 else ''} {', '.join(silent)} did not answer the probe; "
+                    "starting without")
+            hosts = [host for host in hosts if host.name in alive]
+            if len(hosts) < options.min_hosts or not hosts:
+                raise UsageError(f"only {len(hosts)} host(s) answer through {self.launcher.path}, fewer "
+                                 f"than --min-hosts {options.min_hosts}; check the hosts and --launcher-arg")
         attempt = self.plan(1, hosts, None)
         first_world = attempt.world
         if attempt.world > self.config.batch_size:
@@ -554,7 +575,8 @@ class Supervisor:
             parts.append(f"host{'s' if len(attempt.lost_hosts) > 1 else ''} "
                          f"{', '.join(attempt.lost_hosts)} did not answer")
         elif attempt.failed_rank:
-            parts.append(f"rank {attempt.failed_rank[0]} on {attempt.failed_rank[1]} failed")
+            rank, host = attempt.failed_rank
+            parts.append(f"rank {rank} on {host} failed" if rank is not None else f"a rank on {host} died")
         if attempt.reached_step is not None:
             parts.append(f"at step {attempt.reached_step + 1}")
         return ", ".join(parts)
@@ -642,7 +664,7 @@ def check_options(options):
             raise UsageError(f"--{name.replace('_', '-') if len(name) > 1 else name} must be >= 1, got {value}")
     if options.max_restarts < 0:
         raise UsageError(f"--max-restarts must be >= 0, got {options.max_restarts}")
-    if not options.probe_timeout > 0 or not math.isfinite(options.probe_timeout):
+    if not 0 < options.probe_timeout < 86400:
         raise UsageError(f"--probe-timeout must be a positive number of seconds, got {options.probe_timeout}")
     if launched_by_mpi():
         raise UsageError("dpflow launch starts the MPI launcher itself: run it directly, not under mpiexec")

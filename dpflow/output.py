@@ -132,8 +132,17 @@ class Reporter:
             # JSON has no NaN: a value that is not a finite number is written as null.
             full = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                     for key, value in full.items()}
-            self.metrics.write(json.dumps(full) + "\n")
-            self.metrics.flush()
+            try:
+                self.metrics.write(json.dumps(full) + "\n")
+                self.metrics.flush()
+            except OSError as error:  # a full disk must not end the run: the metrics are a log
+                print(f"warning: --metrics {self.config.metrics} cannot be written ({error.strerror}); "
+                      "training goes on without it", file=sys.stderr, flush=True)
+                try:
+                    self.metrics.close()
+                except OSError:
+                    pass
+                self.metrics = None
 
     def on_step(self, trainer, loss):
         if self.use_bar:
@@ -157,7 +166,10 @@ class Reporter:
     def close(self):
         self.close_bar()
         if self.metrics:
-            self.metrics.close()
+            try:
+                self.metrics.close()
+            except OSError:
+                pass
 
 
 def info_lines(comm, hosts, threads):
@@ -177,6 +189,39 @@ def info_lines(comm, hosts, threads):
     ]
 
 
+METRIC_NUMBERS = ("epoch", "step", "train_loss", "test_loss", "test_accuracy")
+
+
+def read_metrics(path):
+    """The records of a --metrics file, each a JSON object whose numbers are numbers."""
+    import stat
+
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"{path} is not a regular file; pass the file written by --metrics")
+        with open(path, encoding="utf-8") as handle:
+            lines = list(handle)
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path} is not UTF-8 text; pass the file written by --metrics") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or any(
+                record.get(key) is not None and (isinstance(record[key], bool) or not isinstance(record[key], (int, float)))
+                for key in METRIC_NUMBERS):
+            raise UsageError(f"{path}:{number} is not a metrics record (a JSON object of numbers); "
+                             "pass the file written by --metrics")
+        records.append(record)
+    return records
+
+
 def plot(metrics, output):
     """Loss and accuracy curves from a --metrics file, as a PNG."""
     try:
@@ -185,19 +230,9 @@ def plot(metrics, output):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UsageError("dpflow plot needs matplotlib: pip install 'dpflow[plot]'") from None
-    records = []
-    try:
-        with open(metrics) as handle:
-            for number, line in enumerate(handle, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError:
-                        raise UsageError(f"{metrics}:{number} is not a JSON line; "
-                                         "pass the file written by --metrics") from None
-    except OSError as error:
-        raise UsageError(f"cannot read {metrics}: {error.strerror}") from None
+        raise UsageError("dpflow plot needs matplotlib: from the checkout, pip install -e '.[plot]' "
+                         "(not `pip install dpflow`: that name belongs to an unrelated project)") from None
+    records = read_metrics(metrics)
     epochs = [r for r in records if r.get("test_loss") is not None]
     if not epochs:
         raise UsageError(f"{metrics} has no per-epoch records; train with --metrics PATH first")
@@ -214,5 +249,8 @@ def plot(metrics, output):
     accuracy_axis.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     accuracy_axis.grid(alpha=0.3)
     figure.tight_layout()
-    figure.savefig(output, dpi=110)
+    try:
+        figure.savefig(output, dpi=110)
+    except OSError as error:
+        raise UsageError(f"-o {output}: cannot write it ({error.strerror}); choose another path") from None
     print(f"wrote {output}")

@@ -55,6 +55,31 @@ def check_batch_size(batch_size, size):
         )
 
 
+def available_memory():
+    """Bytes this machine can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_model_fits(sizes, dtype):
+    """Refuse a model whose parameters, gradients and optimizer state cannot fit in memory
+    (a typo in `hidden`, or labels that are ids rather than class indices)."""
+    parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
+    need = parameters * np.dtype(dtype).itemsize * 5  # values, gradients, 2 optimizer slots, a copy
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(
+            f"the model {'-'.join(map(str, sizes))} has {parameters:,} parameters: {need / 2**30:.1f} GiB "
+            f"with its gradients and optimizer state, more than the {free / 2**30:.1f} GiB free here; "
+            "lower `hidden` (or check that the labels are class indices 0..C-1)")
+
+
 class Trainer:
     def __init__(self, config, comm, data, warn=None):
         self.config = config

@@ -153,7 +153,8 @@ def test_bad_input_is_never_retried(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["-n", "2", "--max-restarts", "-1"], "--max-restarts must be >= 0"),
     (["-n", "0"], "-n must be >= 1"),
-    (["--hostfile", "missing"], "--hostfile missing: cannot read it"),
+    (["--hostfile", "missing"], "--hostfile missing: no such file"),
+    (["--hostfile", "/dev/zero"], "--hostfile /dev/zero is not a regular file"),
 ])
 def test_bad_launch_options_exit_2_with_one_message(tmp_path, args, message):
     status, stderr, _ = launch(tmp_path, *args)

@@ -203,4 +203,5 @@ def test_resume_from_a_checkpoint_is_bitwise_exact(tmp_path, settings):
     assert resumed.epoch == 2 and resumed.global_step == first.global_step
     resumed.fit()
     assert np.array_equal(straight.flat.values, resumed.flat.values)
-    assert [r["train_loss"] for r in straight.history] == [r["train_loss"] for r in resumed.history]
+    # A checkpoint keeps only the last epoch's record (the metrics file keeps them all).
+    assert [r["train_loss"] for r in straight.history[1:]] == [r["train_loss"] for r in resumed.history]

@@ -282,3 +282,29 @@ def test_a_full_disk_costs_no_checkpoint_and_the_next_write_succeeds(tmp_path, s
     assert not [n for n in os.listdir(ck) if n.startswith(".tmp-")]
     got = np.load(tmp_path / "p.npz")
     assert all(np.array_equal(got[name], straight[name]) for name in straight)
+
+
+# --- one run per directory; what a crash leaves behind ---------------------------------------
+
+def test_a_second_run_is_refused_then_a_crash_leaves_nothing_in_the_way(tmp_path, straight):
+    metrics = tmp_path / "m.jsonl"
+    job = Job(tmp_path, "--checkpoint-every-steps", "10", "--metrics", str(metrics), "--log-every", "1")
+    second = run([*dpflow_command(), *COMMON, "--checkpoint-dir", job.directory, "--resume"], ranks=2, timeout=120)
+    assert second.returncode == 2 and second.stderr.count("dpflow: error:") == 1, second
+    assert f"--checkpoint-dir {job.directory} is in use by another run (pid " in second.stderr, second
+    assert f" on {os.uname().nodename}, since " in second.stderr
+    os.killpg(job.pid, signal.SIGKILL)  # a crash: no handler runs, the lock file stays behind
+    job.finish()
+    (tmp_path / "ck" / ".tmp-killed.part").write_bytes(b"half a checkpoint")
+    assert (tmp_path / "ck" / ".lock").exists()
+    resumed = run([*dpflow_command(), *COMMON, "--checkpoint-dir", job.directory, "--resume", "--metrics",
+                   str(metrics), "--log-every", "1", "--save", str(tmp_path / "p.npz")], ranks=4, timeout=180)
+    assert resumed.returncode == 0, resumed
+    assert sorted(os.listdir(tmp_path / "ck")) == ["ckpt-000000045.dpf", "ckpt-000000090.dpf",
+                                                    "ckpt-000000135.dpf", "latest"]
+    got = np.load(tmp_path / "p.npz")
+    assert all(np.array_equal(got[name], straight[name]) for name in straight)
+    records = [json.loads(line) for line in open(metrics)]
+    steps = [r["step"] for r in records if r.get("test_loss") is None]
+    assert steps == list(range(1, 136)), steps  # steps 21-29 of the crashed run are not there twice
+    assert [r["epoch"] for r in records if r.get("test_loss") is not None] == [1, 2, 3]

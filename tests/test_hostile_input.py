@@ -1,0 +1,103 @@
+"""Every value a user can type and every byte a file can hold: exit 2 and one message naming
+it, never a traceback, a hang, or a crash report. One case per class of hostile input found
+by a generated campaign over flags, TOML files, data files and metrics files (numbers past
+what the arrays can hold, models larger than memory, devices and binary files where text
+is expected, output paths that cannot be created, data whose contents break arithmetic)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TIMEOUT = 60
+SMALL = ["--dataset", "synthetic", "--samples", "200", "--features", "4", "--classes", "3", "--epochs", "1",
+         "--hidden", "8", "--quiet"]
+
+
+def write(path, content):
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+def npz(path, **arrays):
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def labels(n=40):
+    return np.arange(n) % 3
+
+
+CASES = {
+    # numbers past what the arrays and the clock can hold
+    "epochs past any count": (lambda d: ["train", *SMALL, "--epochs", "1" + "0" * 30], "--epochs must be at most"),
+    "a negative seed": (lambda d: ["train", *SMALL, "--seed", "-1"], "--seed must be >= 0"),
+    "a toml integer past any count": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", "log-every = 9223372036854775807\n")],
+                                      "--log-every must be at most"),
+    # models and data larger than memory
+    "a hidden layer larger than memory": (lambda d: ["train", *SMALL, "--hidden", "2000000000"],
+                                          "more than the"),
+    "labels that are ids, not classes": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
+                                                    npz(d / "d.npz", x_train=np.ones((40, 4)), y_train=labels() + 10**9,
+                                                        x_test=np.ones((40, 4)), y_test=labels())],
+                                         "check that the labels are class indices"),
+    # devices, binary and huge files where a text file is expected
+    "a config that is a device": (lambda d: ["train", *SMALL, "--config", "/dev/zero"], "is not a regular file"),
+    "a config that is not text": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", b"\xff\xfe\x00epochs")],
+                                  "is not UTF-8 text"),
+    "a hostfile that is a device": (lambda d: ["launch", "--hostfile", "/dev/zero", "--", "train", "--checkpoint-dir", "ck"],
+                                    "is not a regular file"),
+    "a metrics file that is not text": (lambda d: ["plot", write(d / "m.jsonl", b"\xff\xfe"), "-o", str(d / "c.png")],
+                                        "is not UTF-8 text"),
+    # output paths that cannot be created
+    "a save path through a file": (lambda d: ["train", *SMALL, "--save", str(d / "file" / "p.npz")],
+                                   "does not exist or is not writable"),
+    "a save name too long": (lambda d: ["train", *SMALL, "--save", str(d / ("x" * 300))], "is longer than"),
+    "metrics to a FIFO (a write would block)": (lambda d: ["train", *SMALL, "--metrics", fifo(d)],
+                                                "is not a regular file"),
+    "a plot written into a file": (lambda d: ["plot", write(d / "m.jsonl", '{"epoch": 1, "step": 1, "train_loss": 1, '
+                                                                            '"test_loss": 1, "test_accuracy": 0.5}\n'),
+                                              "-o", str(d / "file" / "c.png")], "cannot write it"),
+    # data whose contents break the arithmetic
+    "no feature columns": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
+                                      npz(d / "d.npz", x_train=np.ones((40, 0)), y_train=labels(),
+                                          x_test=np.ones((40, 0)), y_test=labels())], "no feature columns"),
+    "an IDX file with impossible sizes": (lambda d: ["train", "--epochs", "1", "--dataset", idx_dir(d)], "--dataset"),
+    # metrics records that are not records
+    "a metrics line that is a list": (lambda d: ["plot", write(d / "m.jsonl", "[1, 2]\n"), "-o", str(d / "c.png")],
+                                      "is not a metrics record"),
+    "a metrics value that is text": (lambda d: ["plot", write(d / "m.jsonl", '{"epoch": 1, "step": "one", "test_loss": 1, '
+                                                                               '"train_loss": 1, "test_accuracy": 1}\n'),
+                                                "-o", str(d / "c.png")], "is not a metrics record"),
+}
+
+
+def fifo(directory):
+    path = directory / "pipe"
+    os.mkfifo(path)
+    return str(path)
+
+
+def idx_dir(directory):
+    path = directory / "idx"
+    path.mkdir()
+    header = b"\x00\x00\x08\x03" + (0).to_bytes(4, "big") + (28).to_bytes(4, "big") + (28).to_bytes(4, "big")
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (path / name).write_bytes(header)
+    for name in ("train-labels-idx1-ubyte", "t10k-labels-idx1-ubyte"):
+        (path / name).write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + bytes(5))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_hostile_input_exits_2_with_one_message(tmp_path, name):
+    build, message = CASES[name]
+    (tmp_path / "file").write_text("a file, not a directory")
+    argv = build(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "dpflow", *argv], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": ""})
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr, done.stderr
