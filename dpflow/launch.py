@@ -564,7 +564,7 @@ class Supervisor:
             + f"; {attempt.world} ranks" + (f" on {len(hosts)} hosts" if hosts else "")
             + (f", --batch-size {attempt.batch_size} --accumulate {attempt.accumulate}"
                if attempt.batch_size != self.config.batch_size else "")
-            + f"; {'?' if redone is None else redone} steps redone")
+            + f"; {redone} steps redone")
         return attempt
 
     def describe_failure(self, attempt):
@@ -598,18 +598,16 @@ class Supervisor:
     def finish(self, status, why):
         restarts = len(self.attempts) - 1
         redone = [a.steps_redone(b.resumed_step) for a, b in zip(self.attempts, self.attempts[1:])]
-        known = [r for r in redone if r is not None]
         lost = sorted({h for a in self.attempts for h in a.lost_hosts})
         log(f"{why}. {len(self.attempts)} attempt{'s' if len(self.attempts) > 1 else ''}, {restarts} "
             f"restart{'s' if restarts != 1 else ''}"
             + (f", hosts lost: {', '.join(lost)}" if lost else "")
-            + (f", {sum(known)} steps redone" if restarts else "")
-            + (f" ({len(redone) - len(known)} restarts without a count)" if len(known) < len(redone) else "")
+            + (f", {sum(redone)} steps redone" if restarts else "")
             + f"; exit status {status}")
         if self.options.summary_json:
             with open(self.options.summary_json, "w") as handle:
                 json.dump({"status": status, "why": why, "restarts": restarts, "hosts_lost": lost,
-                           "steps_redone": sum(known),
+                           "steps_redone": sum(redone),
                            "attempts": [{**{k: v for k, v in vars(a).items() if k != "hosts"},
                                          "hosts": [h.name for h in a.hosts],
                                          "steps_redone": r}
