@@ -163,10 +163,11 @@ def read_text_file(path, what, limit=MAX_TEXT_FILE):
     import stat
 
     try:
+        # Checked before opening: opening a FIFO waits for a writer, forever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise UsageError(f"{what} is not a regular file; give the path of a text file")
         with open(path, "rb") as handle:
             info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise UsageError(f"{what} is not a regular file; give the path of a text file")
             if info.st_size > limit:
                 raise UsageError(f"{what} is {info.st_size:,} bytes, more than a text file of "
                                  f"settings can be ({limit:,}); check the path")
@@ -218,7 +219,7 @@ def validate(config):
             raise UsageError(f"{flag(name)} must be one of {', '.join(allowed)}, got {value!r}")
     for name in POSITIVE + NON_NEGATIVE:
         value = getattr(config, name)
-        if not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):  # (an int is finite, however long)
             raise UsageError(f"{flag(name)} must be a finite number, got {value!r}")
     for name in POSITIVE:
         value = getattr(config, name)

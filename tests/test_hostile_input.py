@@ -33,6 +33,9 @@ def labels(n=40):
 CASES = {
     # numbers past what the arrays and the clock can hold
     "epochs past any count": (lambda d: ["train", *SMALL, "--epochs", "1" + "0" * 30], "--epochs must be at most"),
+    "a 400-digit number": (lambda d: ["train", *SMALL, "--keep-checkpoints", "9" * 400], "--keep-checkpoints must be at most"),
+    "a config that is a FIFO (a read would block)": (lambda d: ["train", *SMALL, "--config", fifo(d)],
+                                                     "is not a regular file"),
     "a negative seed": (lambda d: ["train", *SMALL, "--seed", "-1"], "--seed must be >= 0"),
     "a toml integer past any count": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", "log-every = 9223372036854775807\n")],
                                       "--log-every must be at most"),
