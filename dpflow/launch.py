@@ -193,6 +193,15 @@ def die_with_parent(signum):
     return set_it
 
 
+def launcher_environment(environ=os.environ):
+    """The environment for the launcher. Inside a Slurm allocation MPICH's mpiexec starts its
+    agents with `srun`; a step of the failed attempt may still hold the nodes' CPUs while Slurm
+    cleans it up, so the probes' and the next attempt's steps are allowed to overlap it."""
+    if "SLURM_JOB_ID" in environ:
+        return dict(environ, SLURM_OVERLAP="1")
+    return dict(environ)
+
+
 def probe_hosts(launcher, hosts, timeout, stopped):
     """The names of the hosts that run `true` through the launcher within `timeout`
     seconds, all probed at once."""
@@ -200,7 +209,7 @@ def probe_hosts(launcher, hosts, timeout, stopped):
     for host in hosts:
         running[host.name] = subprocess.Popen(
             launcher.probe(host.name), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
+            stderr=subprocess.DEVNULL, start_new_session=True, env=launcher_environment(),
             preexec_fn=die_with_parent(signal.SIGKILL))
     deadline = time.monotonic() + timeout
     alive = set()
@@ -426,7 +435,7 @@ class Supervisor:
         except OSError:
             pass
         command = self.launcher.job(hostfile, attempt.world, self.command(attempt))
-        env = dict(os.environ, **{PROGRESS_VARIABLE: os.path.abspath(self.progress)})
+        env = dict(launcher_environment(), **{PROGRESS_VARIABLE: os.path.abspath(self.progress)})
         started = time.monotonic()
         self.job = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=env, start_new_session=True,
