@@ -168,7 +168,7 @@ def check_contents(path, arrays, meta):
         if key not in config:
             damaged(f"its config has no {key!r}")
     for key, value in config.items():
-        if key in FIELDS:
+        if key in FIELDS and value is not None:  # None: an optional setting left unset
             try:
                 coerce(key, value)
             except UsageError as error:
