@@ -168,6 +168,44 @@ def measure(args):
     data = {"facts": machine_facts(), "command": "./scripts/bench " + " ".join(sys.argv[1:]), "quick": quick,
             "repeats": repeats, "steps": steps, "warmup": warmup}
 
+    measure_pairs(data, repeats, steps, warmup)
+
+    print("strong and weak scaling", flush=True)
+    data["strong"], data["weak"] = [], []
+    for flavor in flavors:
+        for dtype in ("float32", "float64"):
+            for ranks in (1, 2, 4):
+                if not (flavor == "mpich" and dtype == "float32"):  # measured above, beside the loop
+                    data["strong"].append(bench(flavor, ranks, 256, dtype, repeats, steps, warmup))
+                data["weak"].append(bench(flavor, ranks, 128 * ranks, dtype, repeats, steps, warmup))
+    add_pairs_to_strong(data)
+
+    print("communication settings", flush=True)
+    data["settings"] = []
+    for ranks in (2, 4):
+        for extra in ([], ["--bucket-mb", "0.5"], ["--bucket-mb", "1"], ["--reducer", "naive"], ["--no-sync"]):
+            data["settings"].append(bench("mpich", ranks, 256, "float32", repeats, steps, warmup, extra))
+    data["two_threads"] = bench("mpich", 1, 256, "float32", repeats, steps, warmup, threads=2)
+
+    print("memory-bound passes and their alternatives (one process, one thread, 128 rows)", flush=True)
+    data["kernels"] = run_json([os.path.join(VENV, "bin", "python"), os.path.join(PEERS, "kernels.py")], bench_env())
+
+    print("peers", flush=True)
+    data["peers"] = measure_peers(args, repeats, steps, warmup)
+
+    print("memory over 1,000 steps", flush=True)
+    data["memory"] = [bench("mpich", ranks, 256, "float32", 1, 300 if quick else 1000, 20) for ranks in (1, 4)]
+
+    print("cost model", flush=True)
+    data["prediction"] = run_json([*mpi_prefix("mpich", 2), *dpflow_command("mpich"), "bench", *MODEL,
+                                   "--batch-size", "256", "--predict", "--json"], bench_env())
+    data["cluster"] = measure_cluster(args, steps, warmup) if cluster_available() else None
+    data["facts"]["load_at_end"] = load_average()
+    return data
+
+
+def measure_pairs(data, repeats, steps, warmup):
+    """The comparisons that decide targets, each in alternating pairs."""
     print("dpflow against the minimal numpy + mpi4py loop (MPICH, float32, global batch 256)", flush=True)
     data["versus_loop"] = {}
     for ranks in (1, 2, 4):
@@ -193,39 +231,11 @@ def measure(args):
     }, repeats, "trace")
     data["trace_file"] = trace_path
 
-    print("strong and weak scaling", flush=True)
-    data["strong"], data["weak"] = [], []
-    for flavor in flavors:
-        for dtype in ("float32", "float64"):
-            for ranks in (1, 2, 4):
-                if not (flavor == "mpich" and dtype == "float32"):  # measured above, beside the loop
-                    data["strong"].append(bench(flavor, ranks, 256, dtype, repeats, steps, warmup))
-                data["weak"].append(bench(flavor, ranks, 128 * ranks, dtype, repeats, steps, warmup))
+
+def add_pairs_to_strong(data):
+    data["strong"] = [r for r in data.get("strong", []) if not (r["flavor"] == "mpich" and r["dtype"] == "float32")]
     for ranks, pair in data["versus_loop"].items():
         data["strong"].append({**pair["dpflow"], "flavor": "mpich", "threads": 1, "extra": ""})
-
-    print("communication settings", flush=True)
-    data["settings"] = []
-    for ranks in (2, 4):
-        for extra in ([], ["--bucket-mb", "0.5"], ["--bucket-mb", "1"], ["--reducer", "naive"], ["--no-sync"]):
-            data["settings"].append(bench("mpich", ranks, 256, "float32", repeats, steps, warmup, extra))
-    data["two_threads"] = bench("mpich", 1, 256, "float32", repeats, steps, warmup, threads=2)
-
-    print("memory-bound passes and their alternatives (one process, one thread, 128 rows)", flush=True)
-    data["kernels"] = run_json([os.path.join(VENV, "bin", "python"), os.path.join(PEERS, "kernels.py")], bench_env())
-
-    print("peers", flush=True)
-    data["peers"] = measure_peers(args, repeats, steps, warmup)
-
-    print("memory over 1,000 steps", flush=True)
-    data["memory"] = [bench("mpich", ranks, 256, "float32", 1, 300 if quick else 1000, 20) for ranks in (1, 4)]
-
-    print("cost model", flush=True)
-    data["prediction"] = run_json([*mpi_prefix("mpich", 2), *dpflow_command("mpich"), "bench", *MODEL,
-                                   "--batch-size", "256", "--predict", "--json"], bench_env())
-    data["cluster"] = measure_cluster(args, steps, warmup) if cluster_available() else None
-    data["facts"]["load_at_end"] = load_average()
-    return data
 
 
 def measure_peers(args, repeats, steps, warmup):
@@ -385,6 +395,10 @@ def write_report(path, data):
         f"on {facts['cores']} cores; each row below shows the load at its end. A load above the core count means",
         "  other processes shared the cores: absolute figures are then low and noisy, and the ratios, measured",
         "  in alternating pairs within this run, are the figures to read.",
+    ] + ([f"- The paired comparisons (dpflow beside the minimal loop, the numpy-first script, the trace on and off)",
+          f"  were measured again at {data['pairs_again']['date']}, on a quieter machine (load "
+          f"{data['pairs_again']['load_at_start']:.1f} at their start, {data['pairs_again']['load_at_end']:.1f} at their end);",
+          "  the float32 MPICH rows of the scaling table and the targets use them."] if data.get("pairs_again") else []) + [
         "",
         "## Targets (float32, global batch 256, MPICH)",
         "",
@@ -398,7 +412,8 @@ def write_report(path, data):
     lines += numpy_first_section(first, first_ratios)
     lines += ["![scaling](benchmarks.png)", "", "## Strong scaling: global batch 256 split across the ranks", "",
               "Times in ms per step; the job runs at the pace of its slowest rank, so each phase is the",
-              "maximum over ranks. 4 ranks share 2 cores.", "", table(strong, SCALING_COLUMNS), "",
+              f"maximum over ranks. {four['world_size']} ranks share {facts['cores']} cores.", "",
+              table(strong, SCALING_COLUMNS), "",
               "## Weak scaling: 128 rows per rank", "", table(data["weak"], SCALING_COLUMNS), ""]
     lines += settings_section(data)
     lines += cluster_section(data["cluster"])
@@ -571,7 +586,8 @@ def trace_section(data, on, off, cost):
         f"{on['trace_cost_ms_per_step'] * 1e3:.1f} us of a {ms(on['step_ms'])} step ({cost:.2%}, from the measured cost "
         "of one span); measured end to end, alternating, the step took "
         f"{ms(on['step_ms'])} with the trace and {ms(off['step_ms'])} without ({on['step_ms'] / off['step_ms'] - 1:+.1%}, "
-        f"within this run's spread of {max(on['spread'], off['spread']):.0%} between repeats).",
+        + ("within" if abs(on["step_ms"] / off["step_ms"] - 1) <= max(on["spread"], off["spread"]) else "beyond")
+        + f" this run's spread of {max(on['spread'], off['spread']):.0%} between repeats).",
         "Off, the loop pays one `if` per phase.", "",
         "![trace](benchmarks-trace.png)", "",
         "The picture is drawn with matplotlib from the trace file (the Perfetto UI is a web application that",
@@ -632,8 +648,8 @@ def cluster_section(cluster):
             "`scripts/cluster --link-rate R` puts a token bucket (tc tbf) on both ends of every host's veth.",
             "This kernel has no netem, so no delay is added: the latency is the veth's and TCP's own. Each row:",
             "`dpflow bench` measured on that cluster, beside `dpflow bench --predict --nodes H --network-gbps R`",
-            "run on the same cluster (its compute time is measured there with the same ranks side by side, its",
-            "alpha is the larger of the fitted one and 25 us, its beta 90% of the line rate).", "",
+            "run on the same cluster (its compute time is measured there with the same ranks side by side; its",
+            "alpha is the model's per-message latency, shown, and its beta the line rate at 90% efficiency).", "",
             table(shaped, [("link", lambda s: s["rate"]), ("hosts", lambda s: str(s["hosts"])),
                            ("measured step ms", lambda s: f"{s['measured']['step_ms']:.2f}"),
                            ("predicted step ms", lambda s: f"{s['predicted']['step_s'] * 1e3:.2f}"),
@@ -643,8 +659,21 @@ def cluster_section(cluster):
                            ("compute ms", lambda s: f"{s['predicted']['compute_ms']:.2f}"),
                            ("fitted 1/beta GB/s", lambda s: f"{s['fitted']['beta_gb_s']:.3f}"),
                            ("fitted alpha us", lambda s: f"{s['fitted']['alpha_us']:.0f}"),
+                           ("model alpha us", lambda s: f"{s['network_alpha_us']:.0f}"),
                            ("load", lambda s: f"{s['measured']['load']:.1f}")]),
             "",
+        ]
+        slow = [s for s in shaped if s["fitted"]["beta_gb_s"] < 0.5 * s["gbps"] / 8 * 0.9]
+        worst = max(shaped, key=lambda s: abs(s["predicted"]["step_s"] * 1e3 / s["measured"]["step_ms"] - 1))
+        lines += [
+            f"In {len(slow)} of {len(shaped)} cases the bandwidth fitted on the cluster is below half the modelled "
+            "90% of line rate: there the TCP stack on these shared cores, not the link, limits the allreduce, which "
+            f"the model does not know. The largest error, {worst['rate']} at {worst['hosts']} hosts, splits so: "
+            f"predicted compute {worst['predicted']['compute_ms']:.2f} ms and allreduce "
+            f"{worst['predicted']['comm_s'] * 1e3:.2f} ms; measured, {worst['measured']['step_ms'] - worst['measured']['sync_ms']:.2f} ms "
+            f"outside the sync wait and {worst['measured']['sync_ms']:.2f} ms in it (raw Allreduce "
+            f"{worst['measured']['raw_allreduce_ms']:.2f} ms, fitted bandwidth {worst['fitted']['beta_gb_s']:.3f} GB/s "
+            f"against {worst['gbps'] / 8 * 0.9:.3f} GB/s modelled).", "",
         ]
     overlap = cluster.get("overlap") or []
     if overlap:
@@ -798,12 +827,23 @@ def main():
     parser.add_argument("--peers", action="store_true", help="also measure PyTorch (one process and DDP)")
     parser.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--from-json", metavar="PATH", help="rewrite the report from a saved benchmarks.json")
+    parser.add_argument("--repeat-pairs", action="store_true",
+                        help="with --from-json: measure the paired comparisons again (later, on a quieter "
+                             "machine) and say so in the report")
     args = parser.parse_args()
     if args.from_json:
         with open(args.from_json) as handle:
             data = json.load(handle)
         data["versus_loop"] = {int(k): v for k, v in data["versus_loop"].items()}
         data["numpy_first"] = {int(k): v for k, v in data["numpy_first"].items()}
+        if args.repeat_pairs:
+            started = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "load_at_start": load_average()}
+            measure_pairs(data, data["repeats"], data["steps"], data["warmup"])
+            add_pairs_to_strong(data)
+            data["pairs_again"] = {**started, "load_at_end": load_average()}
+            with open(os.path.join(ROOT, "benchmarks.json"), "w") as handle:
+                json.dump(data, handle, indent=1)
     else:
         data = measure(args)
         with open(os.path.join(ROOT, "benchmarks.json"), "w") as handle:
