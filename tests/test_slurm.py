@@ -105,7 +105,7 @@ def test_srun_pmi2_on_two_hosts_gives_the_parameters_of_one_process(tmp_path):
     out, err = slurm_session(tmp_path, f"""
 sinfo -h -N -o "%N %c %t" > sinfo.txt
 srun --mpi=pmi2 -N 2 -n 4 dpflow train {TRAIN} --epochs 2 --save p4.npz > srun.out 2>&1
-""", timeout=180)
+""", timeout=600)
     nodes = (tmp_path / "sinfo.txt").read_text().split("\n")
     assert sorted(filter(None, nodes)) == [f"node{i} {os.cpu_count()} idle" for i in range(2)]
     log = (tmp_path / "srun.out").read_text()
@@ -151,7 +151,7 @@ cp dpflow-$final.out final.out
 # The same run without interruption: the same ranks on the same hosts, one step.
 srun --ntasks-per-node=2 -N 2 dpflow train {TRAIN} --epochs $((epoch + 1)) \\
     --checkpoint-dir uninterrupted --save uninterrupted.npz > uninterrupted.out 2>&1
-""", timeout=420)
+""", timeout=900)
     requeued = (tmp_path / "requeued.txt").read_text()
     first = (tmp_path / "first.out").read_text()
     second = (tmp_path / "second.out").read_text()[len(first):]
@@ -195,7 +195,7 @@ say "killed node1"
 status=0; wait $job || status=$?
 echo "srun exit $status after $((SECONDS - killed)) s" > ended.txt
 sinfo -h -N -o "%N %t" > sinfo.txt
-""", timeout=240)
+""", timeout=600)
     ended = (tmp_path / "ended.txt").read_text()
     status, seconds = map(int, re.fullmatch(r"srun exit (\d+) after (\d+) s\n", ended).groups())
     log = (tmp_path / "srun.out").read_text()
