@@ -8,6 +8,8 @@ list, colon-separated, and an empty value hides it, as the tests do).
 
 import os
 
+from .errors import DataError
+
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SYSTEM_DATA = "/usr/share/datasets"
@@ -17,10 +19,6 @@ NAMED = {
     "fashion-mnist": "dataset-fashion-mnist",
     "mnist": None,  # Debian packages no MNIST: a directory of the four IDX files is needed
 }
-
-
-class NotInstalled(ValueError):
-    """A named dataset whose files are on none of the searched paths."""
 
 
 def search_paths(name):
@@ -42,8 +40,8 @@ def locate(name):
     package = NAMED[name]
     install = f"install it with `apt-get install {package}`, or " if package else ""
     unset = "" if os.environ.get("DPFLOW_DATA") else " (DPFLOW_DATA is not set)"
-    raise NotInstalled(
-        f"--dataset {name}: not found; looked in {where}{unset}. To get it, {install}put the four "
+    raise DataError(
+        f"`dataset` {name}: not found; looked in {where}{unset}. To get it, {install}put the four "
         f"IDX files ({', '.join(IDX_FILES)}; each may be .gz) in a directory DIR/{name}/ and set "
-        f"DPFLOW_DATA=DIR, or pass --dataset DIR/{name} itself. dpflow downloads nothing."
+        f"DPFLOW_DATA=DIR, or pass `dataset` DIR/{name} itself. dpflow downloads nothing."
     )

@@ -1,11 +1,14 @@
-"""Datasets: the bundled default, generated ones, and files. numpy only.
+"""Datasets: the bundled digits, generated ones, named ones (Fashion-MNIST, MNIST) and files,
+each served in the training dtype and never copied twice. numpy only.
 
-Every rank loads the same dataset description; `sharding` decides which rows each rank
-reads. Large `.npy` files and uncompressed `.npz` archives are memory-mapped, so a rank
-touches only the rows it trains on.
+Small datasets live in memory, cast once to the training dtype. Files (IDX, .npz, .npy) are
+converted once into a memory-mapped cache (`datacache`) that the ranks of a node share, so a
+rank holds no private copy of the data and reads only the rows it gathers. Examples stay
+raw in the dataset (pixels stay 0..255) and images keep their (C, H, W) shape; `gather` copies
+a batch's rows into a buffer and applies the dataset's `Normalizer` there. `sharding` decides
+which rows each rank gathers.
 """
 
-import gzip
 import os
 import struct
 import zipfile
@@ -16,7 +19,7 @@ from importlib import resources
 import numpy as np
 
 from .errors import DataError
-from .normalize import FeatureStats, Normalizer
+from .normalize import KINDS as NORMALIZE, FeatureStats, Normalizer
 
 
 @dataclass
@@ -32,6 +35,8 @@ class Dataset:
     files: tuple = ()  # the files read, for the banner
     cache: str = ""  # the cache entry mapped, if any
     warnings: tuple = ()  # things rank 0 should tell the user
+    train_rows: np.ndarray = None  # rows of x_train trained on (None: all of them)
+    validation_rows: np.ndarray = None  # rows of x_train held out for validation (None: none)
 
     @property
     def input_shape(self):
@@ -42,8 +47,17 @@ class Dataset:
     def n_features(self):
         return int(np.prod(self.input_shape))
 
+    @property
+    def n_train(self):
+        """Rows trained on: the training set less any validation rows."""
+        return len(self.x_train) if self.train_rows is None else len(self.train_rows)
+
 
 # --- built-in datasets ----------------------------------------------------------------------
+
+BUILTIN = ("digits", "spirals", "synthetic")
+ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
+
 
 def digits_arrays():
     """The bundled UCI handwritten digits (see dpflow/bundled/README.md): 8x8 uint8 images, 0..16."""
@@ -54,23 +68,11 @@ def digits_arrays():
     return arrays
 
 
-def load_digits():
-    """The digits as rows of pixels scaled to [0, 1]."""
-    arrays = {key: value.reshape(len(value), -1) if key.startswith("x") else value
-              for key, value in digits_arrays().items()}
-    return Dataset(
-        "digits",
-        arrays["x_train"] / 16.0, arrays["y_train"].astype(np.int64),
-        arrays["x_test"] / 16.0, arrays["y_test"].astype(np.int64),
-        n_classes=10,
-    )
-
-
-def split_train_test(name, x, y, n_classes, rng, test_fraction=0.2):
+def split_train_test(x, y, rng, test_fraction=0.2):
     order = rng.permutation(len(y))
     n_test = int(round(len(y) * test_fraction))
     test, train = order[:n_test], order[n_test:]
-    return Dataset(name, x[train], y[train], x[test], y[test], n_classes)
+    return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
 def make_spirals(samples=1500, classes=3, seed=0, noise=0.2):
@@ -81,7 +83,7 @@ def make_spirals(samples=1500, classes=3, seed=0, noise=0.2):
     labels = np.repeat(np.arange(classes), per_class)
     theta = labels * 4.0 + radius * 4.0 + rng.normal(0.0, noise, labels.size)
     x = np.column_stack([radius * np.sin(theta), radius * np.cos(theta)])
-    return split_train_test("spirals", x, labels, classes, rng)
+    return split_train_test(x, labels, rng)
 
 
 def make_synthetic(samples=4000, features=20, classes=4, seed=0):
@@ -90,13 +92,10 @@ def make_synthetic(samples=4000, features=20, classes=4, seed=0):
     centres = rng.normal(0.0, 1.0, (classes, features))
     labels = rng.integers(0, classes, samples)
     x = centres[labels] + rng.normal(0.0, 1.0, (samples, features))
-    return split_train_test("synthetic", x, labels, classes, rng)
+    return split_train_test(x, labels, rng)
 
 
 # --- files ----------------------------------------------------------------------------------
-
-ARRAY_NAMES = ("x_train", "y_train", "x_test", "y_test")
-
 
 def _memmap_npz_member(path, archive, member):
     """A read-only memmap of an uncompressed .npz member, or None if it is compressed."""
@@ -181,134 +180,44 @@ def find_idx_files(path):
     return files
 
 
-def load_idx_dir(path):
-    from .idx import IDXError, read_idx
+def idx_plan(path):
+    """The four IDX files of a directory, and how the cache converts them."""
+    from . import idx
 
-    arrays = {}
-    for name, found in find_idx_files(path).items():
-        try:
-            array = read_idx(found)
-        except IDXError as error:
-            raise DataError(str(error)) from None
-        if name.startswith("x"):
-            # Images (n, rows, cols) become rows of pixels scaled to [0, 1].
-            array = array.reshape(len(array), -1)
-            array = array / 255.0 if array.dtype == np.uint8 else array.astype(np.float64)
-        arrays[name] = array
-    return arrays
+    files = find_idx_files(path)
 
+    def plan():
+        shapes = {name: idx.read_header(found)[1] for name, found in files.items()}
+        for split in ("train", "test"):
+            images, labels = shapes[f"x_{split}"], shapes[f"y_{split}"]
+            if len(labels) != 1 or len(images) < 2:
+                raise DataError(f"{files[f'y_{split}']} has shape {labels} and {files[f'x_{split}']} has "
+                                f"{images}; labels must be 1-D and images (N, ...): are the files swapped?")
+            if images[0] != labels[0]:
+                raise DataError(f"{files[f'x_{split}']} holds {images[0]} images but {files[f'y_{split}']} "
+                                f"holds {labels[0]} labels; they must come in pairs: use files of one release")
+        return {name: (natural_shape(shapes[name]), idx.iter_chunks(found), found) for name, found in files.items()}
 
-# --- loading and checking -------------------------------------------------------------------
-
-BUILTIN = ("digits", "spirals", "synthetic")
-
-
-def load_dataset(spec="digits", samples=4000, features=20, classes=4, seed=0):
-    """`digits`, `spirals`, `synthetic`, a .npz, a directory of .npy files, or of IDX files."""
-    if spec == "digits":
-        return check_dataset(load_digits())
-    if spec == "spirals":
-        return check_dataset(make_spirals(samples, classes, seed))
-    if spec == "synthetic":
-        return check_dataset(make_synthetic(samples, features, classes, seed))
-    path = os.fspath(spec)
-    if not os.path.exists(path):
-        raise DataError(
-            f"--dataset {spec!r} is neither a built-in dataset ({', '.join(BUILTIN)}) "
-            "nor an existing file or directory; check the path"
-        )
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        arrays = load_npy_dir(path) if "x_train.npy" in names else load_idx_dir(path)
-    elif path.endswith(".npz"):
-        arrays = load_npz(path)
-    else:
-        raise DataError(f"--dataset {spec!r}: expected a .npz file or a directory of .npy or IDX files")
-    return check_dataset(dataset_from_arrays(os.path.basename(os.path.normpath(path)), arrays, spec))
+    return list(files.values()), plan
 
 
-def dataset_from_arrays(name, arrays, source):
-    for key in ("y_train", "y_test"):
-        labels = arrays[key]
-        if labels.ndim != 1:
-            raise DataError(f"{source}: {key} has shape {labels.shape}; labels must be 1-D class indices")
-        if labels.dtype.kind == "f":
-            labels = np.asarray(labels)
-            if not np.all(labels == np.round(labels)):
-                raise DataError(f"{source}: {key} holds non-integer values; labels must be class indices 0..C-1")
-        elif labels.dtype.kind not in "iu":
-            raise DataError(f"{source}: {key} has dtype {labels.dtype}; labels must be integers")
-        arrays[key] = np.asarray(labels).astype(np.int64)
-    top = max((int(arrays[k].max()) for k in ("y_train", "y_test") if arrays[k].size), default=0)
-    return Dataset(name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"], top + 1)
+def array_plan(path, arrays):
+    """Arrays of a .npz or .npy directory (memory-mapped where stored so) converted in chunks."""
+    def chunks(array, rows=4096):
+        for start in range(0, len(array), rows):
+            yield np.asarray(array[start:start + rows])
+
+    def plan():
+        check_examples(path, arrays)
+        return {name: (natural_shape(array.shape), chunks(array), f"{path}: {name}")
+                for name, array in arrays.items()}
+
+    return plan
 
 
-def check_dataset(data):
-    """Refuse a dataset that cannot train, naming the array, the value and the fix."""
-    for split in ("train", "test"):
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        if x.ndim != 2:
-            raise DataError(f"{data.name}: x_{split} has shape {x.shape}; it must be 2-D (rows, features)")
-        if x.dtype.kind not in "fiu":
-            raise DataError(f"{data.name}: x_{split} has dtype {x.dtype}; features must be numbers")
-        if len(x) != len(y):
-            raise DataError(
-                f"{data.name}: x_{split} has {len(x)} rows but y_{split} has {len(y)}; "
-                "give one label per row"
-            )
-        if y.size and (y.min() < 0 or y.max() >= data.n_classes):
-            bad = y[(y < 0) | (y >= data.n_classes)][0]
-            raise DataError(
-                f"{data.name}: y_{split} holds label {bad}, outside 0..{data.n_classes - 1}; "
-                "labels must be class indices starting at 0"
-            )
-        if not isinstance(x, np.memmap) and x.dtype.kind == "f" and not np.isfinite(x).all():
-            raise DataError(
-                f"{data.name}: x_{split} has {np.count_nonzero(~np.isfinite(x))} NaN or infinite "
-                "values; clean or impute them before training"
-            )
-    if data.x_train.shape[1] == 0:
-        raise DataError(f"{data.name}: x_train has no feature columns; give at least one")
-    if data.x_test.shape[1] != data.x_train.shape[1]:
-        raise DataError(
-            f"{data.name}: x_train has {data.x_train.shape[1]} features but x_test has "
-            f"{data.x_test.shape[1]}; both splits need the same columns"
-        )
-    if len(data.x_train) == 0:
-        raise DataError(f"{data.name}: the training split is empty")
-    if data.n_classes < 2:
-        raise DataError(f"{data.name}: the labels hold {data.n_classes} class; classification needs at least 2")
-    return data
+# --- checks ---------------------------------------------------------------------------------
 
-
-# --- datasets in the training dtype: by name, cached, image-shaped --------------------------
-
-MAX_CLASSES = 100_000  # labels beyond this are ids, not class indices (or need --classes)
-LAYOUTS = ("rows", "images")
-
-
-def as_layout(data, layout):
-    """The dataset with examples as flat rows or as (C, H, W) images: views, never copies."""
-    if layout not in LAYOUTS:
-        raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    if layout == "images" and not data.image_shape:
-        raise DataError(
-            f"{data.name} holds rows of {data.n_features} features, not images; this model needs "
-            "images: give image data (IDX files, digits, or arrays shaped (N, C, H, W) or (N, H, W)) "
-            "or choose a model for rows of features"
-        )
-    shape = data.image_shape if layout == "images" else (data.n_features,)
-    return replace(data, x_train=data.x_train.reshape((len(data.x_train),) + tuple(shape)),
-                   x_test=data.x_test.reshape((len(data.x_test),) + tuple(shape)))
-
-
-def fingerprint(data):
-    """The dataset's identity: a CRC-32 of its labels (as int64) and its shapes, so that
-    `./x.npz`, `x.npz` and a copy elsewhere are the same dataset, and another file of the
-    same name is not."""
-    crc = zlib.crc32(np.ascontiguousarray(data.y_train, dtype=np.int64))
-    crc = zlib.crc32(np.ascontiguousarray(data.y_test, dtype=np.int64), crc)
-    return f"{crc:08x}/{len(data.y_train)}+{len(data.y_test)}/{data.n_features}/{data.n_classes}"
+MAX_CLASSES = 100_000  # labels beyond this are ids, not class indices (or need `classes`)
 
 
 def check_labels(name, y_train, y_test, n_classes=None):
@@ -320,15 +229,15 @@ def check_labels(name, y_train, y_test, n_classes=None):
     if n_classes:
         if top >= n_classes:
             split = "y_train" if y_train.size and int(y_train.max()) == top else "y_test"
-            raise DataError(f"{name}: {split} holds label {top}, not below --classes {n_classes}; "
-                            f"raise --classes to at least {top + 1} or fix the labels")
+            raise DataError(f"{name}: {split} holds label {top}, not below `classes` {n_classes}; "
+                            f"raise `classes` to at least {top + 1} or fix the labels")
     else:
         if top + 1 > MAX_CLASSES:
             split = "y_train" if y_train.size and int(y_train.max()) == top else "y_test"
             raise DataError(
                 f"{name}: {split} holds label {top}; labels must be class indices 0..K-1 with K at most "
                 f"{MAX_CLASSES:,} (this looks like an id, not a class): renumber the classes 0..K-1, or "
-                "pass --classes K if there really are that many"
+                "set `classes` to K if there really are that many"
             )
         n_classes = top + 1
     if n_classes < 2:
@@ -395,96 +304,123 @@ def in_memory(name, arrays, dtype):
     return x["train"], labels["y_train"], x["test"], labels["y_test"]
 
 
-def idx_plan(path):
-    """The four IDX files of a directory: their paths and, for the cache, how to convert them."""
-    from . import idx
+# --- loading --------------------------------------------------------------------------------
 
-    files = find_idx_files(path)
+def load_dataset(spec="digits", samples=4000, features=20, classes=0, seed=0, *, dtype="float32",
+                 layout="rows", normalize="auto", is_writer=True, wait=None, cache_root=None):
+    """A dataset ready to train: `digits`, `spirals`, `synthetic`, a named one
+    (`fashion-mnist`, `mnist`), a .npz, or a directory of .npy or IDX files.
 
-    def plan():
-        shapes = {name: idx.read_header(found)[1] for name, found in files.items()}
-        for split in ("train", "test"):
-            images, labels = shapes[f"x_{split}"], shapes[f"y_{split}"]
-            if len(labels) != 1 or len(images) < 2:
-                raise DataError(f"{files[f'y_{split}']} has shape {labels} and {files[f'x_{split}']} has "
-                                f"{images}; labels must be 1-D and images (N, ...): are the files swapped?")
-            if images[0] != labels[0]:
-                raise DataError(f"{files[f'x_{split}']} holds {images[0]} images but {files[f'y_{split}']} "
-                                f"holds {labels[0]} labels; they must come in pairs: use files of one release")
-        return {name: (natural_shape(shapes[name]), idx.iter_chunks(found), found) for name, found in files.items()}
-
-    return list(files.values()), plan
-
-
-def array_plan(path, arrays):
-    """Arrays of a .npz or .npy directory (memory-mapped where stored so) converted in chunks."""
-    def chunks(array, rows=4096):
-        for start in range(0, len(array), rows):
-            yield np.asarray(array[start:start + rows])
-
-    def plan():
-        check_examples(path, arrays)
-        return {name: (natural_shape(array.shape), chunks(array), f"{path}: {name}")
-                for name, array in arrays.items()}
-
-    return plan
-
-
-def open_dataset(spec="digits", *, dtype="float32", layout="rows", normalize="auto", n_classes=None,
-                 samples=4000, features=20, classes=4, seed=0, is_writer=True, wait=None, cache_root=None):
-    """A dataset ready to train: built-in, named (`fashion-mnist`, `mnist`), a .npz, or a
-    directory of .npy or IDX files. Files are served from the node's memory-mapped cache in
-    `dtype` (built by the rank with `is_writer` while the others `wait()`; every rank of a
-    node must call this), built-ins from memory; either way the examples are in `layout`
-    and raw, with the fitted `normalizer` to apply to each gathered batch."""
+    `classes` is how many classes `spirals` and `synthetic` make (0: 4), and for every other
+    dataset the class count when it is not max label + 1. Files are served from the node's
+    memory-mapped cache in `dtype`, built by the rank with `is_writer` while the others
+    `wait()` (so every rank of a node must call this); built-ins from memory. Either way the
+    examples are raw, in `layout`, with the fitted `normalizer` for each gathered batch."""
     from . import catalog, datacache
 
     dtype = np.dtype(dtype)
-    files, cache, image_shape = (), "", None
-    try:
-        if spec in BUILTIN:
-            if spec == "digits":
-                arrays, name = digits_arrays(), "digits"
-            else:
-                made = (make_spirals(samples, classes, seed) if spec == "spirals"
-                        else make_synthetic(samples, features, classes, seed))
-                arrays = {key: getattr(made, key) for key in ARRAY_NAMES}
-                name = spec
-            x_train, y_train, x_test, y_test = in_memory(name, arrays, dtype)
-            stats = FeatureStats.of(x_train)
+    files, cache = (), ""
+    if spec in BUILTIN:
+        if spec == "digits":
+            arrays = digits_arrays()
+        elif spec == "spirals":
+            arrays = make_spirals(samples, classes or 4, seed)
         else:
-            path = catalog.locate(spec) if spec in catalog.NAMED else os.fspath(spec)
-            if not os.path.exists(path):
-                raise DataError(
-                    f"--dataset {spec!r} is neither a built-in dataset ({', '.join(BUILTIN + tuple(catalog.NAMED))}) "
-                    "nor an existing file or directory; check the path"
-                )
-            name = spec if spec in catalog.NAMED else os.path.basename(os.path.normpath(path))
-            if os.path.isdir(path) and "x_train.npy" in os.listdir(path):
-                files = tuple(os.path.join(path, key + ".npy") for key in ARRAY_NAMES)
-                plan = array_plan(path, load_npy_dir(path))
-            elif os.path.isdir(path):
-                files, plan = idx_plan(path)
-            elif path.endswith(".npz"):
-                files, plan = (path,), array_plan(path, load_npz(path))
-            else:
-                raise DataError(f"--dataset {spec!r}: expected a .npz file or a directory of .npy or IDX files")
-            arrays, meta, cache = datacache.cached(name, list(files), dtype, plan, is_writer, wait, cache_root)
-            x_train, y_train, x_test, y_test = (arrays[key] for key in ARRAY_NAMES)
-            stats = datacache.stats_from_meta(meta)
-    except (catalog.NotInstalled, datacache.CacheError) as error:
-        raise DataError(str(error)) from None
-    except ValueError as error:  # the IDX reader's
-        if isinstance(error, DataError):
-            raise
-        raise DataError(str(error)) from None
-    if x_train.ndim == 4:
-        image_shape = tuple(x_train.shape[1:])
-    n_classes, warnings = check_labels(name, y_train, y_test, n_classes)
-    try:
-        normalizer = Normalizer.fit(normalize, stats, image_shape)
-    except ValueError as error:
-        raise DataError(str(error)) from None
-    data = Dataset(name, x_train, y_train, x_test, y_test, n_classes, image_shape, normalizer,
-                   tuple(files), cache, warnings)
+            arrays = make_synthetic(samples, features, classes or 4, seed)
+        name = spec
+        x_train, y_train, x_test, y_test = in_memory(name, arrays, dtype)
+        stats = FeatureStats.of(x_train)
+    else:
+        path = catalog.locate(spec) if spec in catalog.NAMED else os.fspath(spec)
+        if not os.path.exists(path):
+            raise DataError(
+                f"`dataset` {spec!r} is neither a built-in dataset ({', '.join(BUILTIN + tuple(catalog.NAMED))}) "
+                "nor an existing file or directory; check the path"
+            )
+        name = spec if spec in catalog.NAMED else os.path.basename(os.path.normpath(path))
+        if os.path.isdir(path) and "x_train.npy" in os.listdir(path):
+            files = tuple(os.path.join(path, key + ".npy") for key in ARRAY_NAMES)
+            plan = array_plan(path, load_npy_dir(path))
+        elif os.path.isdir(path):
+            files, plan = idx_plan(path)
+        elif path.endswith(".npz"):
+            files, plan = (path,), array_plan(path, load_npz(path))
+        else:
+            raise DataError(f"`dataset` {spec!r}: expected a .npz file or a directory of .npy or IDX files")
+        arrays, meta, cache = datacache.cached(name, list(files), dtype, plan, is_writer, wait, cache_root)
+        x_train, y_train, x_test, y_test = (arrays[key] for key in ARRAY_NAMES)
+        stats = datacache.stats_from_meta(meta)
+    image_shape = tuple(x_train.shape[1:]) if x_train.ndim == 4 else None
+    n_classes, warnings = check_labels(name, y_train, y_test, classes or None)
+    if normalize not in NORMALIZE:
+        raise DataError(f"`normalize` must be one of {', '.join(NORMALIZE)}, got {normalize!r}")
+    data = Dataset(name, x_train, y_train, x_test, y_test, n_classes, image_shape,
+                   Normalizer.fit(normalize, stats, image_shape), tuple(files), cache, warnings)
     return as_layout(data, layout)
+
+
+# --- views, identity, validation rows, batches ----------------------------------------------
+
+LAYOUTS = ("rows", "images")
+
+
+def as_layout(data, layout):
+    """The dataset with examples as flat rows or as (C, H, W) images: views, never copies."""
+    if layout not in LAYOUTS:
+        raise DataError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    if layout == "images" and not data.image_shape:
+        raise DataError(
+            f"{data.name} holds rows of {data.n_features} features, not images; this model needs "
+            "images: give image data (IDX files, digits, or arrays shaped (N, C, H, W) or (N, H, W)) "
+            "or choose a model for rows of features"
+        )
+    shape = data.image_shape if layout == "images" else (data.n_features,)
+    return replace(data, x_train=data.x_train.reshape((len(data.x_train),) + tuple(shape)),
+                   x_test=data.x_test.reshape((len(data.x_test),) + tuple(shape)))
+
+
+def fingerprint(data):
+    """The dataset's identity: a CRC-32 of its labels (as int64) and its shapes, so that
+    `./x.npz`, `x.npz` and a copy elsewhere are the same dataset, and another file of the
+    same name is not."""
+    crc = zlib.crc32(np.ascontiguousarray(data.y_train, dtype=np.int64))
+    crc = zlib.crc32(np.ascontiguousarray(data.y_test, dtype=np.int64), crc)
+    return f"{crc:08x}/{len(data.y_train)}+{len(data.y_test)}/{data.n_features}/{data.n_classes}"
+
+
+def split_validation(n_train, fraction, seed):
+    """(training rows, validation rows): a fraction of the training set held out, chosen from
+    `seed` alone, so every rank (and every resume) holds out the same rows. Both sorted."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"`validation_split` must be in [0, 1), got {fraction}")
+    n_validation = int(round(n_train * fraction))
+    if fraction > 0 and (n_validation == 0 or n_validation == n_train):
+        raise DataError(f"`validation_split` {fraction} of {n_train} training rows leaves "
+                        f"{n_validation} validation and {n_train - n_validation} training rows; "
+                        "choose a fraction that leaves both non-empty")
+    # A stream of its own (not seed + epoch, which shuffles the epochs).
+    order = np.random.default_rng([seed, 1]).permutation(n_train)
+    return np.sort(order[n_validation:]), np.sort(order[:n_validation])
+
+
+def hold_out(data, fraction, seed):
+    """The dataset with `fraction` of its training rows held out for validation (see
+    `split_validation`); the normaliser is refitted on the rows trained on, so no validation
+    row shapes it."""
+    if not fraction:
+        return data
+    train, validation = split_validation(len(data.x_train), fraction, seed)
+    normalizer = data.normalizer
+    if normalizer.kind != "none":
+        normalizer = Normalizer.fit(normalizer.kind, FeatureStats.of(data.x_train, train), data.image_shape)
+    return replace(data, train_rows=train, validation_rows=validation, normalizer=normalizer)
+
+
+def gather(x, rows, normalizer, out):
+    """Rows `rows` (an index array or a slice) of `x` into the batch buffer `out`, normalised
+    there; a memory-mapped `x` is read only at those rows. The one way batches are made."""
+    if isinstance(rows, slice) or isinstance(x, np.memmap) or x.dtype != out.dtype:
+        out[...] = x[rows]
+    else:
+        np.take(x, rows, axis=0, out=out)  # no temporary
+    return normalizer(out)

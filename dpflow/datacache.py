@@ -23,15 +23,12 @@ import zlib
 
 import numpy as np
 
+from .errors import DataError
 from .normalize import FeatureStats
 
 VERSION = 1
 META = "meta.json"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
-
-
-class CacheError(ValueError):
-    """Bad data found while converting, or a cache that cannot be written."""
 
 
 def cache_root(source_dir):
@@ -95,7 +92,7 @@ def convert_into(path, shape, chunks, dtype, label):
     for chunk in chunks:
         rows = len(chunk)
         if done + rows > shape[0]:
-            raise CacheError(f"{label} holds more rows than its header or shape says ({shape[0]})")
+            raise DataError(f"{label} holds more rows than its header or shape says ({shape[0]})")
         converted = target[done:done + rows]
         if np.dtype(dtype).kind == "f":
             with np.errstate(over="ignore", invalid="ignore"):
@@ -105,7 +102,7 @@ def convert_into(path, shape, chunks, dtype, label):
                 row = done + int(np.argwhere(bad)[0][0])
                 overflow = chunk.dtype.kind == "f" and np.isfinite(chunk).all()
                 what = f"values too large for {np.dtype(dtype).name}" if overflow else "NaN or inf"
-                raise CacheError(
+                raise DataError(
                     f"{label} holds {what} ({np.count_nonzero(bad)} in rows {done}..{done + rows - 1}, "
                     f"the first in row {row}); clean, impute or rescale them (numpy.isfinite finds "
                     "them) before training"
@@ -113,11 +110,11 @@ def convert_into(path, shape, chunks, dtype, label):
         else:
             if np.issubdtype(chunk.dtype, np.floating):
                 if not np.all(chunk == np.round(chunk)):
-                    raise CacheError(f"{label} holds non-integer values; labels must be class indices 0..K-1")
+                    raise DataError(f"{label} holds non-integer values; labels must be class indices 0..K-1")
             converted[...] = chunk.reshape(converted.shape)
         done += rows
     if done != shape[0]:
-        raise CacheError(f"{label} ended after {done} of the {shape[0]} rows it promises; the file is truncated")
+        raise DataError(f"{label} ended after {done} of the {shape[0]} rows it promises; the file is truncated")
     target.flush()
     del target
 
@@ -185,12 +182,12 @@ def cached(name, paths, dtype, plan, is_writer=True, wait=None, root=None):
             os.makedirs(root, exist_ok=True)
             build_entry(entry, name, dtype, sources, plan())
         except OSError as failure:
-            error = CacheError(
+            error = DataError(
                 f"cannot write the data cache {entry} ({failure.strerror or failure}); set DPFLOW_DATA to "
                 "a writable directory with room for the data in the training dtype (the cache goes "
                 "to $DPFLOW_DATA/cache)"
             )
-        except ValueError as failure:  # CacheError, or the source's own format errors
+        except DataError as failure:  # bad data found while converting
             error = failure
     if wait is not None:
         wait()  # every rank of the node, writer included, even when the build failed
@@ -198,7 +195,7 @@ def cached(name, paths, dtype, plan, is_writer=True, wait=None, root=None):
         raise error
     opened = open_entry(entry)
     if opened is None:
-        raise CacheError(f"the data cache {entry} is missing: the rank that writes it on this node "
+        raise DataError(f"the data cache {entry} is missing: the rank that writes it on this node "
                          "failed (see its message) or the directory is not shared by this node's ranks")
     arrays, meta = opened
     return arrays, meta, entry

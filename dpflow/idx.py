@@ -11,12 +11,10 @@ import struct
 
 import numpy as np
 
+from .errors import DataError
+
 TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 CHUNK_BYTES = 8 << 20  # per read: bounds the memory of a conversion, whatever the file's size
-
-
-class IDXError(ValueError):
-    """A file that is not a complete IDX file; the message names it and the fix."""
 
 
 def _open(path):
@@ -27,10 +25,10 @@ def _read_header(handle, path):
     """(dtype, shape) from the header, leaving `handle` at the first value."""
     magic = handle.read(4)
     if len(magic) < 4:
-        raise IDXError(f"{path} is empty or truncated inside its header ({len(magic)} bytes); "
+        raise DataError(f"{path} is empty or truncated inside its header ({len(magic)} bytes); "
                        "copy or download the file again")
     if magic[0] != 0 or magic[1] != 0 or magic[2] not in TYPES or magic[3] == 0:
-        raise IDXError(
+        raise DataError(
             f"{path} is not an IDX file (magic number 0x{magic.hex()}; IDX files start with "
             f"00 00, a type code among {', '.join(f'{code:02x}' for code in TYPES)}, and the "
             "number of dimensions); give MNIST-format files, e.g. train-images-idx3-ubyte[.gz]"
@@ -38,7 +36,7 @@ def _read_header(handle, path):
     ndim = magic[3]
     dims = handle.read(4 * ndim)
     if len(dims) < 4 * ndim:
-        raise IDXError(f"{path} is truncated inside its header ({ndim} dimensions promised); "
+        raise DataError(f"{path} is truncated inside its header ({ndim} dimensions promised); "
                        "copy or download the file again")
     return np.dtype(TYPES[magic[2]]), struct.unpack(f">{ndim}I", dims)
 
@@ -49,7 +47,7 @@ def read_header(path):
         with _open(path) as handle:
             return _read_header(handle, path)
     except (OSError, EOFError) as error:  # gzip raises these for a damaged stream
-        raise IDXError(f"cannot read {path}: {error}; copy or download the file again") from error
+        raise DataError(f"cannot read {path}: {error}; copy or download the file again") from error
 
 
 def iter_chunks(path, rows_per_chunk=None):
@@ -67,7 +65,7 @@ def iter_chunks(path, rows_per_chunk=None):
                 raw = handle.read(rows * row_bytes)
                 if len(raw) < rows * row_bytes:
                     got = done * row_bytes + len(raw)
-                    raise IDXError(
+                    raise DataError(
                         f"{path} is truncated: its header promises {shape[0]} x "
                         f"{'x'.join(map(str, shape[1:])) or '1'} values "
                         f"({shape[0] * row_bytes} bytes), the file holds {got}; copy or download it again"
@@ -75,10 +73,10 @@ def iter_chunks(path, rows_per_chunk=None):
                 yield np.frombuffer(raw, dtype).reshape((rows,) + tuple(shape[1:]))
                 done += rows
             if handle.read(1):
-                raise IDXError(f"{path} has bytes after the {shape[0]} rows its header promises; "
+                raise DataError(f"{path} has bytes after the {shape[0]} rows its header promises; "
                                "it is not a clean IDX file: copy or download it again")
     except (OSError, EOFError, gzip.BadGzipFile) as error:
-        raise IDXError(f"cannot read {path}: {error}; copy or download the file again") from error
+        raise DataError(f"cannot read {path}: {error}; copy or download the file again") from error
 
 
 def read_idx(path):
@@ -96,7 +94,7 @@ def write_idx(path, array):
     big_endian = array.astype(array.dtype.newbyteorder(">")) if array.dtype.itemsize > 1 else array
     code = codes.get(big_endian.dtype)
     if code is None:
-        raise IDXError(f"IDX has no type for {array.dtype}; use uint8, int8, int16, int32, float32 or float64")
+        raise DataError(f"IDX has no type for {array.dtype}; use uint8, int8, int16, int32, float32 or float64")
     header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     with (gzip.open(path, "wb") if str(path).endswith(".gz") else open(path, "wb")) as handle:
         handle.write(header + np.ascontiguousarray(big_endian).tobytes())

@@ -25,20 +25,23 @@ class FeatureStats:
     max_abs: float
 
     @classmethod
-    def of(cls, x):
-        """Accumulate over `x` (rows first; memory-mapped is fine) one chunk at a time."""
-        rows = x.reshape(len(x), -1)
-        count, mean, m2 = 0, np.zeros(rows.shape[1]), np.zeros(rows.shape[1])
+    def of(cls, x, rows=None):
+        """Accumulate over `x` (examples first; memory-mapped is fine), or over its examples
+        `rows` (sorted indices), one chunk at a time."""
+        flat = x.reshape(len(x), -1)
+        count, mean, m2 = 0, np.zeros(flat.shape[1]), np.zeros(flat.shape[1])
         max_abs = 0.0
-        for start in range(0, len(rows), STATS_CHUNK_ROWS):
-            chunk = np.asarray(rows[start:start + STATS_CHUNK_ROWS], dtype=np.float64)
-            n = len(chunk)
+        n = len(flat) if rows is None else len(rows)
+        for start in range(0, n, STATS_CHUNK_ROWS):
+            which = slice(start, start + STATS_CHUNK_ROWS) if rows is None else rows[start:start + STATS_CHUNK_ROWS]
+            chunk = np.asarray(flat[which], dtype=np.float64)
+            size = len(chunk)
             chunk_mean = chunk.mean(axis=0)
             chunk_m2 = ((chunk - chunk_mean) ** 2).sum(axis=0)
             delta = chunk_mean - mean
-            total = count + n
-            mean = mean + delta * (n / total)
-            m2 = m2 + chunk_m2 + delta ** 2 * (count * n / total)
+            total = count + size
+            mean = mean + delta * (size / total)
+            m2 = m2 + chunk_m2 + delta ** 2 * (count * size / total)
             count = total
             max_abs = max(max_abs, float(np.abs(chunk).max()))
         return cls(count, mean, m2, max_abs)
