@@ -29,6 +29,7 @@ class Communicator(abc.ABC):
     rank = 0
     size = 1
     local_size = 1  # ranks sharing this node's memory
+    local_rank = 0  # this rank's place among them: 0 does the node's shared work
 
     @property
     def is_root(self):
@@ -70,6 +71,11 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def barrier(self):
         """Collective."""
+
+    @abc.abstractmethod
+    def node_barrier(self):
+        """Wait for every rank on this node (e.g. while local rank 0 writes the data cache).
+        Collective over the node's ranks."""
 
     @abc.abstractmethod
     def abort(self, code=1):
@@ -130,6 +136,9 @@ class LocalCommunicator(Communicator):
     def barrier(self):
         pass
 
+    def node_barrier(self):
+        pass
+
     def abort(self, code=1):
         os._exit(code)
 
@@ -163,9 +172,8 @@ class MPICommunicator(Communicator):
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         # Ranks sharing this node's memory: what BLAS threads and node-local work divide by.
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_size = node.Get_size()
-        node.Free()
+        self.node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_size, self.local_rank = self.node.Get_size(), self.node.Get_rank()
         # Sized here, not at import: a script may have loaded numpy (and its BLAS) long before.
         self.blas_threads = size_blas_threads(self.local_size)
         # The side channel (collective to create, so every rank makes it now).
@@ -197,6 +205,9 @@ class MPICommunicator(Communicator):
 
     def barrier(self):
         self.comm.Barrier()
+
+    def node_barrier(self):
+        self.node.Barrier()
 
     def abort(self, code=1):
         self.comm.Abort(code)
