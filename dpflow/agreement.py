@@ -6,10 +6,6 @@ own way would hang the job in the next collective or train on other rows. Each c
 is collective and ends on every rank together, with the same message.
 """
 
-import zlib
-
-import numpy as np
-
 from .errors import UsageError
 
 
@@ -40,11 +36,10 @@ def agree(comm, action):
 
 def run_summary(config_values, data):
     """What every rank must share to train the same run: the resolved settings and the
-    dataset's shape and a checksum of its labels."""
-    labels = zlib.crc32(np.ascontiguousarray(data.y_train)) ^ zlib.crc32(np.ascontiguousarray(data.y_test))
-    return {**config_values,
-            "dataset shape": (len(data.y_train), len(data.y_test), data.n_features, data.n_classes),
-            "dataset labels checksum": labels}
+    dataset's identity (a checksum of its labels, and its shapes)."""
+    from .data import fingerprint
+
+    return {**config_values, "dataset (labels checksum/rows/features/classes)": fingerprint(data)}
 
 
 def check_same_run(comm, config_values, data):

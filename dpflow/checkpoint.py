@@ -22,11 +22,13 @@ import time
 import numpy as np
 
 from . import __version__
+from .data import fingerprint
 from .errors import CheckpointError
 
 MAGIC = b"DPFLOW-CHECKPOINT 1 "
 NAME = re.compile(r"^ckpt-(\d{9})\.dpf$")
 LATEST = "latest"
+BEST = "best.dpf"  # --keep-best: the best epoch so far; not a ckpt-*.dpf, so never pruned or resumed
 UMASK = os.umask(0o022)
 os.umask(UMASK)  # read once at import: the process's umask, unchanged
 
@@ -94,18 +96,25 @@ def list_checkpoints(directory):
     return [os.path.join(directory, name) for _, name in reversed(found)]
 
 
-def save_checkpoint(directory, step, arrays, meta, keep=3):
-    """Write checkpoint `step`, then move `latest` to it, then prune beyond `keep`.
+def save_checkpoint(directory, step, arrays, meta, keep=3, regular=True, best=False):
+    """Write checkpoint `step`, then move `latest` to it, then prune beyond `keep`; with
+    `best`, also (or only, without `regular`) replace best.dpf, which pruning never touches.
 
     Old checkpoints are deleted only after the new one and the pointer are committed. The
     directory is never created here: one that vanished during the run (deleted, unmounted)
-    is a failed write, not a new place to write into.
+    is a failed write, not a new place to write into. Returns the regular checkpoint's path
+    (None if only best.dpf was written).
     """
-    path = checkpoint_path(directory, step)
-    atomic_write(path, encode(arrays, meta))
-    atomic_write(os.path.join(directory, LATEST), os.path.basename(path).encode() + b"\n")
-    for old in list_checkpoints(directory)[keep:]:
-        os.unlink(old)
+    data = encode(arrays, meta)
+    path = None
+    if regular:
+        path = checkpoint_path(directory, step)
+        atomic_write(path, data)
+        atomic_write(os.path.join(directory, LATEST), os.path.basename(path).encode() + b"\n")
+        for old in list_checkpoints(directory)[keep:]:
+            os.unlink(old)
+    if best:
+        atomic_write(os.path.join(directory, BEST), data)
     return path
 
 
@@ -317,9 +326,10 @@ def free_space(directory):
 
 # Settings a run must share with the checkpoint it resumes: they shape the parameters,
 # the optimizer state or the data every step sees.
-MUST_MATCH_ON_RESUME = ("dataset", "samples", "features", "classes", "hidden", "activation",
-                        "optimizer", "dtype", "lr_schedule", "lr_decay_epochs", "lr_decay_factor",
-                        "lr_power", "min_lr", "warmup_epochs")
+# The dataset itself is matched by content (`data.fingerprint`), not by its path string.
+MUST_MATCH_ON_RESUME = ("samples", "features", "classes", "normalize", "validation_split", "hidden",
+                        "activation", "optimizer", "dtype", "lr_schedule", "lr_decay_epochs",
+                        "lr_decay_factor", "lr_power", "min_lr", "warmup_epochs")
 
 
 def resume_keys(stored):
@@ -342,7 +352,9 @@ def training_state(trainer):
             "last_epoch": trainer.history[-1] if trainer.history else None,
             "model": {"sizes": trainer.model.sizes, "activation": trainer.model.activation,
                       "dtype": trainer.dtype.name},
-            "noise": trainer.noise.state() if trainer.noise else None}
+            "noise": trainer.noise.state() if trainer.noise else None,
+            # What eval and predict need to see the data as training did, and what it was.
+            "normalizer": trainer.data.normalizer.state(), "dataset_fingerprint": fingerprint(trainer.data)}
     for key, value in trainer.optimizer.state_dict().items():
         if isinstance(value, np.ndarray):
             arrays[f"optim/{key}"] = np.array(value)
@@ -370,14 +382,14 @@ class CheckpointWriter:
         self.thread = None
         self.tracer = None  # a trace.Tracer shows each write on the writer thread's track
 
-    def start(self, step, arrays, meta, beat):
+    def start(self, step, arrays, meta, beat, regular=True, best=False):
         self.wait(beat)
         self.started = time.monotonic()
 
         def write():
             started = time.perf_counter()
             try:
-                path = save_checkpoint(self.directory, step, arrays, meta, self.keep)
+                path = save_checkpoint(self.directory, step, arrays, meta, self.keep, regular, best)
             except OSError as error:
                 self.failures += 1
                 where = error.filename or self.directory
@@ -386,7 +398,8 @@ class CheckpointWriter:
                 self.warn(f"warning: checkpoint at step {step} not written: {self.last_error}; {kept}. "
                           "Training goes on; the next checkpoint tries again")
                 return
-            self.last, self.last_step = path, step
+            if path:
+                self.last, self.last_step = path, step
             if self.tracer:
                 self.tracer.add("checkpoint write", started, time.perf_counter(), "checkpoint", step=step)
 
@@ -466,6 +479,15 @@ def check_compatible(trainer, path, meta, shapes, for_training):
     stored = {**dataclasses.asdict(type(trainer.config)()), **meta["config"]}
     differ = [f"`{key}` {stored.get(key)!r} (now {getattr(trainer.config, key)!r})"
               for key in resume_keys(stored) if stored.get(key) != getattr(trainer.config, key)]
+    was = meta.get("dataset_fingerprint")
+    if was is None and stored.get("dataset") != trainer.config.dataset:  # a checkpoint from before fingerprints
+        differ.append(f"`dataset` {stored.get('dataset')!r} (now {trainer.config.dataset!r})")
+    elif was is not None and was != fingerprint(trainer.data):
+        differ.append(f"`dataset` {stored.get('dataset')!r} holding other data (labels checksum/"
+                      f"rows/features/classes {was}; now {trainer.config.dataset!r}: {fingerprint(trainer.data)})")
+    elif meta.get("normalizer") not in (None, trainer.data.normalizer.state()):
+        differ.append(f"`dataset` {stored.get('dataset')!r} with other examples (the same labels, but "
+                      "the training set's statistics differ)")
     if differ:
         raise CheckpointError(
             f"the checkpoint {path} was trained with {', '.join(differ)}; resume with the same "

@@ -40,11 +40,18 @@ class ArgumentParser(argparse.ArgumentParser):
 # --- train --------------------------------------------------------------------------------
 
 TRAIN_HELP = {
-    "dataset": "digits (default, bundled), spirals, synthetic, a .npz with x_train/y_train/"
-               "x_test/y_test, or a directory of .npy or MNIST IDX files",
+    "dataset": "digits (default, bundled), spirals, synthetic, fashion-mnist or mnist (found in "
+               "$DPFLOW_DATA/NAME or where Debian's dataset packages put them), a .npz with "
+               "x_train/y_train/x_test/y_test, or a directory of .npy or MNIST IDX files",
     "samples": "rows of the spirals/synthetic dataset (default %(default)s)",
     "features": "features of the synthetic dataset (default %(default)s)",
-    "classes": "classes of the spirals/synthetic dataset (default %(default)s)",
+    "classes": "class count: spirals/synthetic make this many (default 4); for other data 0 "
+               "(default) counts max label + 1, more allows classes absent from the labels",
+    "normalize": "auto (default): scale images to [0, 1], leave rows of features; scale: divide by "
+                 "the largest |x|; standardize: training-set mean and std per channel (images) or "
+                 "per feature; none",
+    "validation_split": "fraction of the training rows held out for validation, the same rows on "
+                        "every rank (from --seed); 0 off (default %(default)s)",
     "hidden": "hidden layer sizes, comma-separated (default 128,64); '' for none",
     "activation": "hidden activation (default %(default)s)",
     "epochs": "passes over the training set (default %(default)s)",
@@ -77,6 +84,9 @@ TRAIN_HELP = {
     "checkpoint_every_seconds": "also a checkpoint when this many seconds passed since the last one "
                                 "(a preempted run loses at most this much); 0 off (default %(default)s)",
     "keep_checkpoints": "checkpoints kept in the directory (default %(default)s)",
+    "keep_best": "also keep DIR/best.dpf, the epoch best by this metric, never pruned (off by default)",
+    "early_stop": "stop every rank after this many epochs without improvement of --keep-best's "
+                  "metric (val_loss without it); 0 off (default %(default)s)",
     "resume": "continue from the newest valid checkpoint in --checkpoint-dir",
     "metrics": "write JSON lines of metrics to this file",
     "log_every": "also log a metrics record every N steps (default: per epoch only)",
@@ -110,8 +120,9 @@ def add_train_arguments(parser):
             shown = None
         else:
             shown = default
-        metavar = None if name in CHOICES else name.upper()  # choices show as {a,b,c}
-        parser.add_argument(flag(name), default=None, metavar=metavar, choices=CHOICES.get(name),
+        choices = tuple(choice for choice in CHOICES.get(name, ()) if choice) or None  # "" is "off"
+        metavar = None if choices else name.upper()  # choices show as {a,b,c}
+        parser.add_argument(flag(name), default=None, metavar=metavar, choices=choices,
                             help=help_text % {"default": shown} if "%(default)s" in help_text else help_text)
 
 
@@ -146,9 +157,17 @@ def spell_setting(name):
     return flag(name) if name in FIELDS else None
 
 
-def load_data(comm, config):
-    """The run's dataset, loaded by every rank; bad data stops every rank. Collective."""
-    return agree(comm, lambda: read_dataset(config))
+def load_data(comm, config, normalizer_state=None):
+    """The run's dataset, loaded by every rank (a file's cache is built by one rank per node
+    while the others wait), with any validation rows held out; bad data stops every rank.
+    Every rank then applies rank 0's normaliser (or the checkpoint's, `normalizer_state`), so
+    all transform their batches with the same bits. Collective."""
+    from .normalize import Normalizer
+
+    data = agree(comm, lambda: read_dataset(config, comm))
+    state = normalizer_state or comm.broadcast_object(data.normalizer.state())
+    data.normalizer = Normalizer.from_state(state)
+    return data
 
 
 # What reading a file the user named can raise when its bytes are not what they should be.
@@ -156,11 +175,16 @@ UNREADABLE = (OSError, EOFError, ValueError, KeyError, IndexError, ArithmeticErr
               UnicodeError, zipfile.BadZipFile)
 
 
-def read_dataset(config):
-    """load_dataset, with any failure that the dataset's contents cause reported as bad data
-    (exit 2, naming the dataset) rather than as a crash of the program."""
+def read_dataset(config, comm):
+    """load_dataset (and the validation rows), with any failure that the dataset's contents
+    cause reported as bad data (exit 2, naming the dataset) rather than as a crash."""
+    from .data import hold_out
+
     try:
-        return load_dataset(config.dataset, config.samples, config.features, config.classes, config.seed)
+        data = load_dataset(config.dataset, config.samples, config.features, config.classes, config.seed,
+                            dtype=config.dtype, normalize=config.normalize,
+                            is_writer=comm.local_rank == 0, wait=comm.node_barrier)
+        return hold_out(data, config.validation_split, config.seed)
     except DataError:
         raise
     except MemoryError:
@@ -190,10 +214,10 @@ def start_trace(comm, path):
 
 
 def run_train(args, comm, safety):
-    from .checkpoint import check_room, training_state
+    from .checkpoint import BEST, check_room, training_state
     from .launch import ProgressFile
     from .signals import StopRequest
-    from .trainer import Trainer, check_batch_size, check_model_fits
+    from .trainer import Trainer, best_epoch, check_batch_size, check_model_fits
 
     config = agree(comm, lambda: train_config(args))
     # From the start a signal is a stop request for the first step boundary, never a crash.
@@ -236,7 +260,9 @@ def run_train(args, comm, safety):
         reporter.print(*output.banner_lines(trainer, comm, hosts))
         if resumed_from:
             reporter.print(f"resumed from {resumed_from} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
-        reporter.print(output.EPOCH_HEADER)
+        for warning in data.warnings:
+            trainer.log(warning)
+        reporter.print(output.epoch_header(data.validation_rows is not None))
         # `dpflow launch` reads rank 0's step from this file to count the steps a restart redoes.
         progress = ProgressFile() if comm.is_root else ProgressFile({})
         progress.step(trainer.global_step)
@@ -273,6 +299,12 @@ def run_train(args, comm, safety):
     if save_error:
         raise TrainingError(save_error)
     progress.done(trainer.global_step)
+    if trainer.stopped_early:
+        reporter.print(trainer.stopped_early)
+    best = best_epoch(history, config.keep_best) if config.keep_best else None
+    if best is not None:
+        reporter.print(f"best {config.keep_best} {history[best][config.keep_best]:.4f} at epoch "
+                       f"{history[best]['epoch']}: {os.path.join(config.checkpoint_dir, BEST)}")
     if history:
         last = history[-1]
         reporter.print(f"done: test accuracy {last['test_accuracy']:.2%}, test loss {last['test_loss']:.4f}"
@@ -307,10 +339,12 @@ def run_eval(args, comm, safety):
     # Evaluation takes no training steps: any number of ranks may share the test set.
     config.resume, config.checkpoint_dir = False, ""
     config.batch_size = max(config.batch_size, comm.size)
-    data = load_data(comm, config)
+    # The test set is transformed exactly as the checkpoint's training batches were.
+    normalizer = comm.broadcast_object(loaded[2].get("normalizer") if comm.is_root else None)
+    data = load_data(comm, config, normalizer)
     trainer = Trainer(config, comm, data)
     path = load_checkpoint(trainer, args.checkpoint, for_training=False, loaded=loaded)
-    loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype)
+    loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype, data.normalizer)
     if comm.is_root:
         print(f"test_loss {loss:.4f}  test_accuracy {accuracy:.2%}  rows {len(data.y_test)}  "
               f"ranks {comm.size}  dataset {data.name}  checkpoint {path}")

@@ -21,7 +21,9 @@ class TrainConfig:
     dataset: str = "digits"  # the bundled UCI digits: real data, trains in seconds
     samples: int = 4000  # synthetic/spirals only
     features: int = 20  # synthetic only
-    classes: int = 4  # synthetic/spirals only
+    classes: int = 0  # 0: max label + 1 (synthetic/spirals make 4); more only for classes absent from the data
+    normalize: str = "auto"  # images scaled to [0, 1] as torchvision's ToTensor does; rows of features untouched
+    validation_split: float = 0.0  # fraction of the training rows held out, the same rows on every rank
     # Model
     hidden: list = field(default_factory=lambda: [128, 64])  # reaches >= 97% on digits
     activation: str = "relu"
@@ -52,6 +54,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also every N steps; 0: off
     checkpoint_every_seconds: float = 0.0  # also when this long has passed (rank 0's clock); 0: off
     keep_checkpoints: int = 3
+    keep_best: str = ""  # also keep best.dpf, the best epoch by this metric (never pruned); "" off
+    early_stop: int = 0  # stop when the watched metric has not improved for this many epochs; 0 off
     resume: bool = False
     metrics: str = ""  # JSON lines path; "" for none
     log_every: int = 0  # steps between extra metrics records; 0 for per epoch only
@@ -78,6 +82,8 @@ CHOICES = {
     "progress": ("auto", "bar", "plain"),
     "on_nonfinite": ("stop", "skip"),
     "reducer": ("flat", "naive"),
+    "normalize": ("auto", "none", "scale", "standardize"),
+    "keep_best": ("", "val_accuracy", "val_loss", "test_accuracy", "test_loss"),
 }
 POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "checkpoint_every",
             "keep_checkpoints", "samples", "features")
@@ -85,7 +91,7 @@ POSITIVE = ("epochs", "batch_size", "lr", "base_batch_size", "accumulate", "chec
 MAX_COUNT = 2**31 - 1
 NON_NEGATIVE = ("seed", "momentum", "weight_decay", "warmup_epochs", "log_every", "consistency_every",
                 "checkpoint_every_steps", "checkpoint_every_seconds",
-                "stall_timeout", "bucket_mb", "min_lr")
+                "stall_timeout", "bucket_mb", "min_lr", "classes", "validation_split", "early_stop")
 # Settings whose default is None ("not set"): the type a given value must have.
 OPTIONAL_TYPES = {"trust_coefficient": float}
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -237,8 +243,18 @@ def validate(config):
             raise UsageError(f"{flag(name)} must be >= 0, got {value!r}")
     if config.momentum >= 1:
         raise UsageError(f"--momentum must be below 1 (0.9 is usual), got {config.momentum}")
-    if config.classes < 2:
-        raise UsageError(f"--classes must be >= 2, got {config.classes}")
+    if config.classes == 1:
+        raise UsageError("--classes must be 0 (count them from the labels) or >= 2, got 1")
+    if config.validation_split >= 1:
+        raise UsageError(f"--validation-split is the fraction of training rows held out, in [0, 1) "
+                         f"(0.1 is usual), got {config.validation_split}")
+    watched = early_stop_metric(config)
+    if watched.startswith("val_") and not config.validation_split:
+        used = f"--keep-best {config.keep_best}" if config.keep_best else f"--early-stop {config.early_stop} (it watches val_loss)"
+        raise UsageError(f"{used} needs validation rows: add --validation-split 0.1, or watch a test metric "
+                         "with --keep-best test_loss")
+    if config.keep_best and not config.checkpoint_dir:
+        raise UsageError(f"--keep-best {config.keep_best} needs --checkpoint-dir DIR, where best.dpf is written")
     if config.resume and not config.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir DIR, the directory to resume from")
     validate_schedule(config)
@@ -281,6 +297,11 @@ def validate_layerwise(config):
         raise UsageError(f"--trust-coefficient applies to --optimizer lars or lamb, not {config.optimizer}")
     if not (math.isfinite(eta) and eta > 0):
         raise UsageError(f"--trust-coefficient must be > 0 (0.001 is LARS's, 1 LAMB's), got {eta!r}")
+
+
+def early_stop_metric(config):
+    """The metric that --keep-best and --early-stop watch: --keep-best's, else val_loss."""
+    return config.keep_best or ("val_loss" if config.early_stop else "")
 
 
 def config_dict(config):

@@ -6,22 +6,28 @@ three totals, so any number of ranks counts every row exactly once (no padding).
 
 import numpy as np
 
+from .data import gather
 from .graph import forward_pass
+from .normalize import Normalizer
 from .sharding import shard_bounds
 
 EVAL_CHUNK = 4096  # rows per forward pass: bounds memory on large test sets
 
 
-def evaluate(model, x, y, comm, dtype):
-    """(mean loss, accuracy) of `model` on rows `x` with labels `y`. Collective."""
+def evaluate(model, x, y, comm, dtype, normalizer=Normalizer(), rows=None):
+    """(mean loss, accuracy) of `model` on the examples `x` with labels `y`, or on their
+    `rows` (an index array, e.g. the validation rows), each batch normalised as training
+    batches are. Collective."""
     saved_normaliser = model.loss.normaliser
     model.loss.normaliser = None
-    first, last = shard_bounds(len(y), comm.rank, comm.size)
+    n = len(y) if rows is None else len(rows)
+    first, last = shard_bounds(n, comm.rank, comm.size)
     totals = np.zeros(3, np.float64)  # loss sum, correct, rows
     for start in range(first, last, EVAL_CHUNK):
         stop = min(start + EVAL_CHUNK, last)
-        X = np.asarray(x[start:stop], dtype=dtype)
-        labels = np.asarray(y[start:stop])
+        which = slice(start, stop) if rows is None else rows[start:stop]
+        X = gather(x, which, normalizer, np.empty((stop - start,) + x.shape[1:], dtype))
+        labels = np.asarray(y[which])
         model.inputs.value, model.labels.value = X, labels
         forward_pass(model.graph)
         totals[0] += model.loss.loss_sum
@@ -29,5 +35,5 @@ def evaluate(model, x, y, comm, dtype):
         totals[2] += len(labels)
     model.loss.normaliser = saved_normaliser
     comm.allreduce_sum(totals)
-    loss_sum, correct, rows = totals
-    return loss_sum / max(rows, 1), correct / max(rows, 1)
+    loss_sum, correct, rows_seen = totals
+    return loss_sum / max(rows_seen, 1), correct / max(rows_seen, 1)

@@ -30,8 +30,11 @@ def banner_lines(trainer, comm, hosts):
     data = trainer.data
     lines = [
         f"dpflow {__version__} | MPI: {comm.library()} | {comm.size} rank{'s' if comm.size > 1 else ''} on {hosts}",
-        f"data: {data.name}, {len(data.y_train)} train / {len(data.y_test)} test rows, "
-        f"{data.n_features} features, {data.n_classes} classes",
+        f"data: {data.name}, {data.n_train} train"
+        + (f" + {len(data.validation_rows)} validation" if data.validation_rows is not None else "")
+        + f" / {len(data.y_test)} test rows, "
+        + (f"{'x'.join(map(str, data.image_shape))} images" if data.image_shape else f"{data.n_features} features")
+        + f", {data.n_classes} classes | normalize: {data.normalizer.describe()}",
         f"model: MLP {'-'.join(map(str, trainer.model.sizes))} {config.activation}, "
         f"{trainer.model.parameter_count():,} parameters, {config.dtype}",
         f"batch: {config.batch_size} global = {share} per rank x {comm.size}"
@@ -39,6 +42,13 @@ def banner_lines(trainer, comm, hosts):
         + f" | lr {trainer.scaled_lr():g} ({update_rule(trainer)})"
         + f" | BLAS threads per rank: {_threads.blas_threads_in_use() or '?'}",
     ]
+    if data.files:
+        folder = os.path.dirname(data.files[0])
+        if len(data.files) > 1 and all(os.path.dirname(path) == folder for path in data.files):
+            shown = f"{folder}/{{{', '.join(os.path.basename(path) for path in data.files)}}}"
+        else:
+            shown = ", ".join(data.files)
+        lines[2:2] = [f"files: {shown}", f"cache: {data.cache} (memory-mapped, {data.x_train.dtype.name})"]
     return lines
 
 
@@ -72,12 +82,20 @@ def noise_line(noise_scale, batch):
 
 
 EPOCH_HEADER = f"{'epoch':>7} {'step':>7} {'train_loss':>10} {'test_loss':>10} {'test_acc':>8} {'samples/s':>10} {'comm':>6}"
+VALIDATION_HEADER = f" {'val_loss':>10} {'val_acc':>8}"
+
+
+def epoch_header(validation=False):
+    return EPOCH_HEADER + (VALIDATION_HEADER if validation else "")
 
 
 def epoch_line(record, epochs):
-    return (f"{record['epoch']:>3}/{epochs:<3} {record['step']:>7} {record['train_loss']:>10.4f} "
+    line = (f"{record['epoch']:>3}/{epochs:<3} {record['step']:>7} {record['train_loss']:>10.4f} "
             f"{record['test_loss']:>10.4f} {record['test_accuracy']:>8.2%} "
             f"{record['samples_per_sec'] or 0:>10,.0f} {record['comm_fraction'] or 0:>6.1%}")
+    if "val_loss" in record:
+        line += f" {record['val_loss']:>10.4f} {record['val_accuracy']:>8.2%}"
+    return line
 
 
 def truncate_metrics(path, step):

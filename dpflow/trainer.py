@@ -23,6 +23,8 @@ import numpy as np
 from . import checkpoint
 from .agreement import ranks_that_differ
 from .comm import fingerprint
+from .config import early_stop_metric
+from .data import gather
 from .errors import Interrupted, TrainingError, UsageError
 from .evaluation import evaluate
 from .flat import all_finite
@@ -45,6 +47,15 @@ EXTRA_SLOTS = 5
 # a 784-128-64-10 MLP); `noise_scale` auto measures one step in ceil(NOISE_ROWS / local rows),
 # which keeps that below 1% (SCALING.md has the figures).
 NOISE_ROWS = 256
+
+
+def best_epoch(history, metric):
+    """The index of the best record by `metric` (highest accuracy, lowest loss; the earliest
+    of ties), or None if no record has a finite value of it."""
+    sign = -1.0 if metric.endswith("_loss") else 1.0
+    scored = [(sign * record[metric], -index) for index, record in enumerate(history)
+              if record.get(metric) is not None and math.isfinite(record[metric])]
+    return -max(scored)[1] if scored else None
 
 
 def check_batch_size(batch_size, size):
@@ -94,9 +105,11 @@ class Trainer:
                          seed=config.seed, dtype=self.dtype)
         self.parallel = DataParallel(self.model.params, comm, EXTRA_SLOTS, config.reducer)
         self.flat = self.parallel.flat
-        # In-memory data is cast to the training dtype once; memory-mapped data is cast per batch.
+        # Datasets arrive in the training dtype (so this copies nothing); memory-mapped ones are
+        # read a batch at a time.
         self.x_train = self.as_training_array(data.x_train)
         self.x_test = self.as_training_array(data.x_test)
+        self.n_train = data.n_train
         self.schedule = Schedule(
             peak=self.scaled_lr(), epochs=config.epochs, steps_per_epoch=self.steps_per_epoch(),
             kind=config.lr_schedule, warmup_epochs=config.warmup_epochs,
@@ -115,6 +128,7 @@ class Trainer:
         self.checkpoints = checkpoint.CheckpointWriter(config.checkpoint_dir, config.keep_checkpoints, self.log)
         self.stop_signum = None  # the signal every rank agreed stopped the run
         self.save_agreed = False  # rank 0's timer said a checkpoint is due, read from the allreduce
+        self.stopped_early = None  # why fit() stopped before the last epoch, if it did
         self.history = []
         self.batch_buffers = {}
         self.comm_seconds = 0.0
@@ -140,7 +154,7 @@ class Trainer:
         return np.ascontiguousarray(x, dtype=self.dtype)
 
     def steps_per_epoch(self):
-        n_batches = math.ceil(len(self.x_train) / self.config.batch_size)
+        n_batches = math.ceil(self.n_train / self.config.batch_size)
         return math.ceil(n_batches / self.config.accumulate)
 
     def scaled_lr(self):
@@ -238,14 +252,11 @@ class Trainer:
         x, rows = self.x_train, len(index)
         buffers = self.batch_buffers.get(rows)
         if buffers is None:
-            buffers = self.batch_buffers[rows] = (np.empty((rows, x.shape[1]), self.dtype),
+            buffers = self.batch_buffers[rows] = (np.empty((rows,) + x.shape[1:], self.dtype),
                                                   np.empty(rows, np.int64))
         X, y = buffers
-        if isinstance(x, np.memmap):
-            X[...] = x[index]  # reads only these rows from the file
-        else:
-            np.take(x, index, axis=0, out=X)
-        np.take(self.data.y_train, index, axis=0, out=y)
+        gather(x, index, self.data.normalizer, X)  # a memory-mapped x is read only at these rows
+        y[...] = self.data.y_train[index]
         self.model.inputs.value, self.model.labels.value = X, y
 
     def forward(self, loss_sum):
@@ -304,9 +315,6 @@ class Trainer:
         if self.config.on_nonfinite == "stop":
             where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
                      else "no checkpoint was written")
-            if isinstance(self.x_train, np.memmap):
-                where += ("; memory-mapped data is not scanned for NaN or inf before training, "
-                          "so check it too (numpy.isfinite)")
             raise TrainingError(
                 f"the loss or a gradient became NaN or infinite at step {self.global_step + 1} "
                 f"(epoch {self.epoch + 1}); {where}. Lower `lr` (now {self.optimizer.lr:g}), "
@@ -340,7 +348,7 @@ class Trainer:
 
     def samples_seen(self):
         done_batches = self.step_in_epoch * self.config.accumulate
-        return self.epoch * len(self.x_train) + min(done_batches * self.config.batch_size, len(self.x_train))
+        return self.epoch * self.n_train + min(done_batches * self.config.batch_size, self.n_train)
 
     def checkpoint_due(self):
         """Rank 0's clock: `checkpoint_every_seconds` since the last checkpoint began."""
@@ -348,15 +356,36 @@ class Trainer:
         return (bool(every) and self.comm.is_root and bool(self.config.checkpoint_dir)
                 and time.monotonic() - self.checkpoints.started >= every)
 
-    def save_checkpoint(self):
-        """Rank 0 starts writing in the background; the others go on at once. Non-finite
-        parameters are never saved."""
+    def save_checkpoint(self, regular=True, best=False):
+        """Rank 0 starts writing in the background (a regular checkpoint, and/or best.dpf);
+        the others go on at once. Non-finite parameters are never saved."""
         if not self.config.checkpoint_dir or not self.comm.is_root:
             return
         if not np.isfinite(self.flat.values).all():
             self.log("warning: parameters are not finite; checkpoint not written")
             return
-        self.checkpoints.start(self.global_step, *checkpoint.training_state(self), self.beat)
+        self.checkpoints.start(self.global_step, *checkpoint.training_state(self), self.beat,
+                               regular=regular, best=best)
+
+    def end_of_epoch(self, save_due=False):
+        """Checkpoints due after an epoch (`save_due`: one fell due at its last step), and
+        whether to stop early. Every rank reads the same history (its metrics were reduced),
+        so every rank decides alike: no extra collective."""
+        config = self.config
+        watched = early_stop_metric(config)
+        best = best_epoch(self.history, watched) if watched else None
+        improved = best == len(self.history) - 1
+        regular = self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs or save_due
+        stale = len(self.history) - 1 - (best if best is not None else -1)
+        if config.early_stop and stale >= config.early_stop and self.epoch < config.epochs:
+            record = self.history[best] if best is not None else None
+            self.stopped_early = (
+                f"early stop: {watched} has not improved for {stale} epochs"
+                + (f" (best {record[watched]:.4f} at epoch {record['epoch']})" if record else "")
+            )
+            regular = True  # the last state, so the run's end is on disk
+        if config.checkpoint_dir and (regular or (improved and config.keep_best)):
+            self.save_checkpoint(regular=regular, best=improved and bool(config.keep_best))
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -367,9 +396,11 @@ class Trainer:
             self.beat = watchdog.beat
         beat = self.beat
         steps = self.steps_per_epoch()
-        n_train = len(self.x_train)
-        while self.epoch < config.epochs:
+        n_train = self.n_train
+        while self.epoch < config.epochs and not self.stopped_early:
             permutation = epoch_permutation(n_train, config.seed, self.epoch)
+            if self.data.train_rows is not None:  # positions in the permutation -> rows of x_train
+                permutation = self.data.train_rows[permutation]
             batches = batch_bounds(n_train, config.batch_size)
             epoch_loss, epoch_rows, epoch_samples, epoch_started = 0.0, 0, 0, time.perf_counter()
             self.comm_seconds = 0.0
@@ -401,7 +432,8 @@ class Trainer:
             elapsed = time.perf_counter() - epoch_started
             beat(f"evaluation after epoch {self.epoch + 1}")
             started = time.perf_counter()
-            test_loss, test_accuracy = evaluate(self.model, self.x_test, self.data.y_test, self.comm, self.dtype)
+            test_loss, test_accuracy = evaluate(self.model, self.x_test, self.data.y_test, self.comm,
+                                                self.dtype, self.data.normalizer)
             if self.tracer:
                 self.tracer.add("evaluation", started, time.perf_counter(), "epoch", epoch=self.epoch + 1)
             record = {
@@ -415,6 +447,10 @@ class Trainer:
                 "lrs": [self.lr_of_step(self.epoch, step) for step in range(steps)],
                 "noise_scale": self.noise.value() if self.noise else None,
             }
+            if self.data.validation_rows is not None:
+                record["val_loss"], record["val_accuracy"] = evaluate(
+                    self.model, self.x_train, self.data.y_train, self.comm, self.dtype,
+                    self.data.normalizer, rows=self.data.validation_rows)
             if self.noise:
                 self.noise.reset()
             self.history.append(record)
@@ -422,10 +458,7 @@ class Trainer:
             self.step_in_epoch = 0
             if on_epoch:
                 on_epoch(self, record)
-            # A checkpoint due at the epoch's last step is written here, after the evaluation.
-            if config.checkpoint_dir and (self.epoch % config.checkpoint_every == 0 or self.epoch == config.epochs
-                                          or save_due):
-                self.save_checkpoint()
+            self.end_of_epoch(save_due)
         self.check_consistency()
         self.checkpoints.wait(beat)
         return self.history

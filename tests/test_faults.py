@@ -154,6 +154,15 @@ BAD_INPUTS = [
     (["--batch-size", "3"], "--batch-size 3 is the global batch and must be >= the number of ranks (4)"),
     (["--dataset", "missing.npz"], "'missing.npz' is neither a built-in dataset"),
     (["--config", "nope.toml"], "--config nope.toml: no such file"),
+    (["--normalize", "zscore"], "invalid choice: 'zscore'"),
+    (["--validation-split", "1"], "--validation-split is the fraction of training rows held out, in [0, 1)"),
+    (["--validation-split", "-0.2"], "--validation-split must be >= 0, got -0.2"),
+    (["--keep-best", "val_accuracy", "--checkpoint-dir", "ck"], "--keep-best val_accuracy needs validation rows"),
+    (["--keep-best", "test_loss"], "--keep-best test_loss needs --checkpoint-dir DIR"),
+    (["--early-stop", "3"], "--early-stop 3 (it watches val_loss) needs validation rows"),
+    (["--early-stop", "-1"], "--early-stop must be >= 0, got -1"),
+    (["--classes", "1"], "--classes must be 0 (count them from the labels) or >= 2, got 1"),
+    (["--classes", "3", "--dataset", "digits"], "y_train holds label 9, not below --classes 3; raise --classes"),
 ]
 
 
@@ -173,9 +182,18 @@ def bad_dataset(tmp_path, kind):
         np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)
         path.write_bytes(path.read_bytes()[:300])
     elif kind == "misshaped":
-        np.savez(path, x_train=x.reshape(50, 2, 2), y_train=y, x_test=x, y_test=y)
+        np.savez(path, x_train=x.reshape(50, 1, 1, 2, 2), y_train=y, x_test=x, y_test=y)
     elif kind == "labels":
         np.savez(path, x_train=x, y_train=y - 5, x_test=x, y_test=y)
+    elif kind == "huge label":
+        np.savez(path, x_train=x, y_train=np.where(np.arange(50) == 7, 10**9, y), x_test=x, y_test=y)
+    elif kind == "empty test":
+        np.savez(path, x_train=x, y_train=y, x_test=x[:0], y_test=y[:0])
+    elif kind == "no features":
+        np.savez(path, x_train=x[:, :0], y_train=y, x_test=x[:, :0], y_test=y)
+    elif kind == "nan, memory-mapped":
+        x[31, 2] = np.nan
+        np.savez(path, x_train=x, y_train=y, x_test=x, y_test=y)  # stored uncompressed: memory-mapped
     elif kind == "features":
         np.savez(path, x_train=x, y_train=y, x_test=x[:, :3], y_test=y)
     elif kind == "unreadable":
@@ -184,8 +202,13 @@ def bad_dataset(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind,message", [
-    ("truncated", "truncated"), ("misshaped", "must be 2-D"), ("labels", "outside 0..2"),
-    ("features", "x_train has 4 features but x_test has 3"), ("unreadable", "has no train-images-idx3-ubyte"),
+    ("truncated", "truncated"), ("misshaped", "give rows (N, features) or images"),
+    ("labels", "y_train holds label -5"),
+    ("features", "one x_train example has shape (4,) but one x_test example has (3,)"),
+    ("unreadable", "has no train-images-idx3-ubyte"),
+    ("huge label", "y_train holds label 1000000000; labels must be class indices 0..K-1 with K at most 100,000"),
+    ("empty test", "the test split is empty"), ("no features", "0 features"),
+    ("nan, memory-mapped", "x_train holds NaN or inf (1 in rows 0..49, the first in row 31)"),
 ])
 def test_bad_datasets_exit_2_with_one_message(dpflow, tmp_path, kind, message):
     result = dpflow("train", "--dataset", bad_dataset(tmp_path, kind), ranks=3, timeout=60)
