@@ -39,7 +39,7 @@ def locate(name):
     where = ", ".join(tried) if tried else "nowhere (DPFLOW_DATA is unset and DPFLOW_SYSTEM_DATA is empty)"
     package = NAMED[name]
     install = f"install it with `apt-get install {package}`, or " if package else ""
-    unset = "" if os.environ.get("DPFLOW_DATA") else " (DPFLOW_DATA is not set)"
+    unset = "" if os.environ.get("DPFLOW_DATA") or not tried else " (DPFLOW_DATA is not set)"
     raise DataError(
         f"`dataset` {name}: not found; looked in {where}{unset}. To get it, {install}put the four "
         f"IDX files ({', '.join(IDX_FILES)}; each may be .gz) in a directory DIR/{name}/ and set "

@@ -347,7 +347,8 @@ def load_dataset(spec="digits", samples=4000, features=20, classes=0, seed=0, *,
             files, plan = (path,), array_plan(path, load_npz(path))
         else:
             raise DataError(f"`dataset` {spec!r}: expected a .npz file or a directory of .npy or IDX files")
-        arrays, meta, cache = datacache.cached(name, list(files), dtype, plan, is_writer, wait, cache_root)
+        arrays, meta, cache = datacache.cached(name, list(files), dtype, plan, is_writer, wait, cache_root,
+                                               beside=spec not in catalog.NAMED)
         x_train, y_train, x_test, y_test = (arrays[key] for key in ARRAY_NAMES)
         stats = datacache.stats_from_meta(meta)
     image_shape = tuple(x_train.shape[1:]) if x_train.ndim == 4 else None

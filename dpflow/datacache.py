@@ -31,12 +31,13 @@ META = "meta.json"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def cache_root(source_dir):
-    """$DPFLOW_DATA/cache when DPFLOW_DATA is set; else beside the data when that directory
-    is writable; else the user's cache directory."""
+def cache_root(source_dir, beside=True):
+    """$DPFLOW_DATA/cache when DPFLOW_DATA is set; else beside the data (`beside`, and the
+    directory is writable); else the user's cache directory. A dataset found by name in a
+    system directory is not `beside`: the package manager owns that directory."""
     if os.environ.get("DPFLOW_DATA"):
         return os.path.join(os.environ["DPFLOW_DATA"], "cache")
-    if os.access(source_dir, os.W_OK):
+    if beside and os.access(source_dir, os.W_OK):
         return os.path.join(source_dir, ".dpflow-cache")
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "dpflow")
@@ -169,12 +170,12 @@ def build_entry(entry, name, dtype, sources, plan):
         raise
 
 
-def cached(name, paths, dtype, plan, is_writer=True, wait=None, root=None):
+def cached(name, paths, dtype, plan, is_writer=True, wait=None, root=None, beside=True):
     """The cache entry of `paths` converted by `plan()` (called only when building), as
     (arrays, meta, entry). The writer builds a missing entry; every rank then waits, then
     opens it. Collective over the ranks that share `wait`."""
     sources = describe_sources(paths)
-    root = root or cache_root(os.path.dirname(os.path.abspath(paths[0])))
+    root = root or cache_root(os.path.dirname(os.path.abspath(paths[0])), beside)
     entry = entry_path(root, name, dtype, sources)
     error = None
     if is_writer and open_entry(entry) is None:

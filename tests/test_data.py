@@ -108,7 +108,11 @@ def test_named_dataset_from_the_system_directories(tmp_path, monkeypatch):
     write_idx_dir(tmp_path / "usr-share" / "mnist", suffix="")
     monkeypatch.setenv("DPFLOW_SYSTEM_DATA", f"{tmp_path / 'nowhere'}:{tmp_path / 'usr-share'}")
     monkeypatch.setenv("DPFLOW_DATA", str(tmp_path / "writable"))  # the cache goes there
-    assert load_dataset("mnist").n_features == 30
+    assert load_dataset("mnist").cache.startswith(str(tmp_path / "writable" / "cache"))
+    monkeypatch.delenv("DPFLOW_DATA")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    data = load_dataset("mnist")  # never into the package manager's directory
+    assert data.cache.startswith(str(tmp_path / "home-cache" / "dpflow")) and data.n_features == 30
 
 
 @pytest.mark.parametrize("name,install", [("fashion-mnist", "apt-get install dataset-fashion-mnist"),

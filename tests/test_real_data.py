@@ -136,3 +136,16 @@ def test_resume_knows_a_dataset_by_its_content_not_its_path(dpflow, tmp_path):
     refused = dpflow(*run, "--dataset", "x.npz", "--epochs", "4", "--resume", cwd=tmp_path)
     assert refused.returncode == 2 and "holding other data" in refused.stderr, refused
     assert "now 'x.npz': " in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_the_data_settings_in_a_config_file(dpflow, tmp_path, data_home):
+    (tmp_path / "run.toml").write_text(
+        '[train]\ndataset = "fashion-mnist"\nnormalize = "standardize"\nvalidation-split = 0.2\n'
+        'keep-best = "val_loss"\nearly-stop = 50\nclasses = 6\nepochs = 2\ncheckpoint-dir = "ck"\n')
+    result = dpflow("train", "--config", tmp_path / "run.toml", "--progress", "plain", env=data_home, cwd=tmp_path)
+    assert result.returncode == 0, result
+    assert "120 train + 30 validation / 40 test rows, 1x6x5 images, 6 classes | normalize: standardize" in result.stdout
+    assert (tmp_path / "ck" / "best.dpf").exists() and "val_loss" in result.stdout
+    (tmp_path / "bad.toml").write_text('normalize = "zscore"\n')
+    bad = dpflow("train", "--config", tmp_path / "bad.toml", env=data_home, cwd=tmp_path)
+    assert bad.returncode == 2 and "--normalize must be one of auto, none, scale, standardize, got 'zscore'" in bad.stderr
