@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -419,8 +420,20 @@ def write_report(path, data):
     lines += cluster_section(data["cluster"])
     lines += memory_section(data["memory"])
     lines += ["## Beyond one machine: the allreduce cost model", "", format_prediction_section(data["prediction"], data["cluster"])]
+    lines += sections_written_elsewhere(path)
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
+
+
+def sections_written_elsewhere(path):
+    """Sections other scripts write into the same file (between `<!-- begin NAME -->` and
+    `<!-- end NAME -->`, e.g. scripts/data-memory's), kept as they are."""
+    try:
+        with open(path) as handle:
+            text = handle.read()
+    except OSError:
+        return []
+    return ["", *re.findall(r"<!-- begin [\w-]+ -->.*?<!-- end [\w-]+ -->", text, re.S)]
 
 
 SCALING_COLUMNS = [
