@@ -45,7 +45,7 @@ CASES = {
     "labels that are ids, not classes": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
                                                     npz(d / "d.npz", x_train=np.ones((40, 4)), y_train=labels() + 10**9,
                                                         x_test=np.ones((40, 4)), y_test=labels())],
-                                         "check that the labels are class indices"),
+                                         "labels must be class indices 0..K-1"),
     # devices, binary and huge files where a text file is expected
     "a config that is a device": (lambda d: ["train", *SMALL, "--config", "/dev/zero"], "is not a regular file"),
     "a config that is not text": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", b"\xff\xfe\x00epochs")],
@@ -66,8 +66,8 @@ CASES = {
     # data whose contents break the arithmetic
     "no feature columns": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
                                       npz(d / "d.npz", x_train=np.ones((40, 0)), y_train=labels(),
-                                          x_test=np.ones((40, 0)), y_test=labels())], "no feature columns"),
-    "an IDX file with impossible sizes": (lambda d: ["train", "--epochs", "1", "--dataset", idx_dir(d)], "--dataset"),
+                                          x_test=np.ones((40, 0)), y_test=labels())], "0 features"),
+    "an IDX file with impossible sizes": (lambda d: ["train", "--epochs", "1", "--dataset", idx_dir(d)], "holds 0 images but"),
     # metrics records that are not records
     "a metrics line that is a list": (lambda d: ["plot", write(d / "m.jsonl", "[1, 2]\n"), "-o", str(d / "c.png")],
                                       "is not a metrics record"),
