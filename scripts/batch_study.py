@@ -90,6 +90,8 @@ def train(args, rule, batch):
     completed = subprocess.run(command, capture_output=True, text=True, env=run_environment(), cwd=ROOT)
     seconds = time.monotonic() - started
     if completed.returncode != 0:
+        print(f"  {rule:6} batch {batch:6,}: stopped with exit {completed.returncode}: "
+              f"{(completed.stderr.strip().splitlines() or [''])[-1][:160]}", flush=True)
         return {"rule": rule, "batch": batch, "failed": completed.stderr.strip()[-2000:],
                 "command": command, "seconds": seconds}
     with open(metrics) as handle:
@@ -190,11 +192,17 @@ def by_rule(results):
     return table
 
 
-def keeps_accuracy_up_to(runs, baseline, tolerance=0.01):
-    """The largest batch up to which every batch of the rule is within `tolerance` of baseline."""
+def outcome(failure):
+    """What a run that stopped with an error did: 'diverged' (NaN or inf) or 'failed'."""
+    return "diverged" if "NaN or infinite" in failure["failed"] else "failed"
+
+
+def keeps_accuracy_up_to(runs, baseline, failed=(), tolerance=0.01):
+    """The largest batch up to which every batch of the rule is within `tolerance` of baseline
+    (a run that stopped with an error ends the streak)."""
     kept = None
-    for batch in sorted(runs):
-        if runs[batch]["final_accuracy"] < baseline - tolerance:
+    for batch in sorted(set(runs) | set(failed)):
+        if batch in failed or runs[batch]["final_accuracy"] < baseline - tolerance:
             break
         kept = batch
     return kept
@@ -257,6 +265,13 @@ def chart(table, baseline, args, noise, path):
     figure.savefig(path, dpi=110)
 
 
+def late_noise_scale(series):
+    """The median noise scale over the last third of the epochs: late in a decaying schedule
+    |G|^2 nears 0 and single epochs swing widely, the median does not."""
+    late = sorted(v for v in series[len(series) - max(1, len(series) // 3):] if v)
+    return late[len(late) // 2] if late else None
+
+
 def fmt_batch(batch):
     return f"{batch:,}" if batch else "none"
 
@@ -266,7 +281,9 @@ def report(args, results, table, facts, timing, cost, path_png):
     baseline_run = table["sgd"][min(table["sgd"])]
     baseline = baseline_run["final_accuracy"]
     batches = sorted({r["batch"] for r in results})
-    kept = {rule: keeps_accuracy_up_to(runs, baseline) for rule, runs in table.items()}
+    failures = {(r["rule"], r["batch"]): r for r in results if "failed" in r}
+    failed_batches = {rule: [b for (r, b) in failures if r == rule] for rule in table}
+    kept = {rule: keeps_accuracy_up_to(runs, baseline, failed_batches[rule]) for rule, runs in table.items()}
     command = "./scripts/batch-study " + " ".join(shlex.quote(a) for a in facts.get("argv", []))
     lines = [
         "# How far the global batch goes: the batch study",
@@ -304,14 +321,15 @@ def report(args, results, table, facts, timing, cost, path_png):
         cells = []
         for rule in table:
             run = table[rule].get(batch)
-            cells.append(f"{100 * run['final_accuracy']:.2f}" if run else "failed")
+            cells.append(f"{100 * run['final_accuracy']:.2f}" if run
+                         else outcome(failures[rule, batch]) if (rule, batch) in failures else "")
         lines.append(f"| {batch:,} | {steps} | " + " | ".join(cells) + " |")
     lines += ["", f"Steps to {args.target:.0%} test accuracy (the step count at the end of the first epoch "
               "that reached it; - for never):", "",
               "| global batch | " + " | ".join(table) + " |", "| ---: | " + " | ".join("---:" for _ in table) + " |"]
     for batch in batches:
-        cells = [str(table[rule][batch]["steps_to_target"] or "-") if batch in table[rule] else "failed"
-                 for rule in table]
+        cells = [str(table[rule][batch]["steps_to_target"] or "-") if batch in table[rule]
+                 else outcome(failures[rule, batch]) if (rule, batch) in failures else "" for rule in table]
         lines.append(f"| {batch:,} | " + " | ".join(cells) + " |")
     lines += ["", f"![test accuracy and steps to target against the global batch, and the noise scale]({path_png})", ""]
 
@@ -325,8 +343,10 @@ def report(args, results, table, facts, timing, cost, path_png):
         worst = min(runs, key=lambda b: runs[b]["final_accuracy"])
         text = (f"- **{rule}** keeps accuracy within 1 point up to batch {fmt_batch(limit)}"
                 if limit else f"- **{rule}** is more than 1 point below the baseline already at batch {min(runs):,}")
-        beyond = [b for b in sorted(runs) if limit and b > limit]
-        if beyond:
+        beyond = [b for b in sorted(set(runs) | set(failed_batches[rule])) if limit and b > limit]
+        if beyond and beyond[0] in failed_batches[rule]:
+            text += f"; at {beyond[0]:,} it {outcome(failures[rule, beyond[0]])} (the loss became NaN or infinite)"
+        elif beyond:
             b = beyond[0]
             text += (f"; at {b:,} it reaches {100 * runs[b]['final_accuracy']:.2f}% "
                      f"({100 * (runs[b]['final_accuracy'] - baseline):+.2f} points) in {runs[b]['steps']} steps")
@@ -343,9 +363,24 @@ def report(args, results, table, facts, timing, cost, path_png):
                      f"{args.epochs}-epoch budget.")
     elif layerwise:
         best = max(layerwise, key=lambda m: m[2])
+        runs = table[best[0]]
+        below = max((b for b in runs if b < best[1]), default=None)
+        late = late_noise_scale(baseline_run["noise_scale_per_epoch"])
+        why = ""
+        if below and late:
+            def effective(batch):  # McCandlish et al.: a step of B rows does B / (B + B_noise) of an ideal step
+                return runs[batch]["steps"] * batch / (batch + late)
+
+            why = (f" Why, measured: the budget gives {runs[best[1]]['steps']} steps at {best[1]:,} against "
+                   f"{runs[below]['steps']} at {below:,}, and late in training the noise scale is about "
+                   f"{late:,.0f} rows. A step of B rows then does B / (B + {late:,.0f}) of the work of a "
+                   f"noise-free step, so the {best[1]:,} run's steps add up to about {effective(best[1]):,.0f} "
+                   f"noise-free steps against {effective(below):,.0f} at {below:,} "
+                   f"({100 * runs[below]['final_accuracy']:.2f}%): past the noise scale, more rows per step "
+                   "do not make up for fewer steps within a fixed number of epochs.")
         lines.append(f"**Target not met**: the best of LARS and LAMB at a batch of 8,192 or more is "
                      f"{best[0].upper()} at {best[1]:,} with {100 * best[2]:.2f}% "
-                     f"({100 * (best[2] - baseline):+.2f} points). See the noise scale below for why.")
+                     f"({100 * (best[2] - baseline):+.2f} points).{why}")
     else:
         lines.append("**Target not measured**: no LARS or LAMB run at a batch of 8,192 or more completed.")
 
@@ -353,7 +388,7 @@ def report(args, results, table, facts, timing, cost, path_png):
     noise_series = baseline_run["noise_scale_per_epoch"]
     at_target = (noise_series[baseline_run["epoch_to_target"] - 1]
                  if baseline_run["epoch_to_target"] else None)
-    final_noise = next((v for v in reversed(noise_series) if v), None)
+    final_noise = late_noise_scale(noise_series)
     best_steps = []
     for batch in batches:
         reached = [table[rule][batch]["steps_to_target"] for rule in table
@@ -372,7 +407,9 @@ def report(args, results, table, facts, timing, cost, path_png):
               "| B_simple | " + " | ".join(f"{v:,.0f}" if v else "-" for v in noise_series) + " |", ""]
     if at_target:
         lines.append(f"When the baseline first reached {args.target:.0%} (epoch {baseline_run['epoch_to_target']}) "
-                     f"the noise scale was {at_target:,.0f}; by the last epoch {final_noise:,.0f}.")
+                     f"the noise scale was {at_target:,.0f}; over the last third of the epochs its median "
+                     f"was {final_noise:,.0f}. (Steps to target are counted at epoch ends, which favours "
+                     "the large batches: a batch-64 epoch is 938 steps.)")
     if fit:
         lines.append(f"Fitting S = S_min (1 + B_crit / B) to the fewest steps any rule needed to reach "
                      f"{args.target:.0%} at each batch gives S_min = {fit['s_min']:,.0f} steps and a critical batch "
@@ -384,7 +421,7 @@ def report(args, results, table, facts, timing, cost, path_png):
     best_kept = max((kept[rule] or 0) for rule in table)
     if final_noise:
         lines.append(f"The largest batch any rule kept within 1 point is {fmt_batch(best_kept)}, "
-                     f"{best_kept / final_noise:.1f} times the final noise scale: "
+                     f"{best_kept / final_noise:.1f} times the late noise scale: "
                      + ("beyond the noise scale the same epoch budget gives too few useful steps, which is why "
                         "accuracy falls there." if best_kept >= final_noise else
                         "accuracy fell before the noise scale, so the limit there is the optimizer rule, "
@@ -401,9 +438,9 @@ def report(args, results, table, facts, timing, cost, path_png):
                      f"{row['auto_every']} | {100 * row['auto_cost']:.2f}% |")
     failed = [r for r in results if "failed" in r]
     if failed:
-        lines += ["", "## Runs that failed", ""]
+        lines += ["", "## Runs that stopped with an error", ""]
         for r in failed:
-            lines.append(f"- {r['rule']} at batch {r['batch']:,}: `{r['failed'].splitlines()[-1]}`")
+            lines.append(f"- {r['rule']} at batch {r['batch']:,} ({outcome(r)}): `{r['failed'].splitlines()[-1]}`")
     lines += ["", "Each run's command is in scaling.json (`command`), its per-epoch metrics in "
               "`.batch-study/RULE-BATCH.jsonl` of the run that wrote this file.", ""]
     return "\n".join(lines)
