@@ -239,6 +239,9 @@ def chart(table, baseline, args, noise, path):
             steps_axis.plot(*zip(*reached), "o-", label=RULES[rule][0])
     accuracy_axis.axhspan(100 * baseline - 1, 100 * baseline, color="grey", alpha=0.2,
                           label="within 1 point of batch 64")
+    late = late_noise_scale(table["sgd"][min(table["sgd"])]["noise_scale_per_epoch"])
+    if late:
+        accuracy_axis.axvline(late, color="black", linestyle=":", label=f"late noise scale {late:,.0f}")
     accuracy_axis.set(xscale="log", xlabel="global batch", ylabel="test accuracy after the budget (%)",
                       title=f"{args.epochs} epochs, cosine schedule")
     accuracy_axis.set_ylim(max(10, 100 * baseline - 15), 100 * baseline + 2)
@@ -246,7 +249,7 @@ def chart(table, baseline, args, noise, path):
     steps_axis.set(xscale="log", yscale="log", xlabel="global batch",
                    ylabel=f"steps to {args.target:.0%} test accuracy", title="steps to target (missing: never)")
     if noise:
-        steps_axis.axvline(noise, color="black", linestyle=":", label=f"noise scale {noise:,.0f}")
+        steps_axis.axvline(noise, color="black", linestyle=":", label=f"noise scale at {args.target:.0%}: {noise:,.0f}")
     steps_axis.legend(fontsize=8)
     sgd = table.get("sgd", {}).get(min(table.get("sgd", {BASE_BATCH: None})))
     if sgd:
