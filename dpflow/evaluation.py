@@ -12,10 +12,12 @@ from .sharding import shard_bounds
 EVAL_CHUNK = 4096  # rows per forward pass: bounds memory on large test sets
 
 
-def evaluate(model, x, y, comm, dtype):
-    """(mean loss, accuracy) of `model` on rows `x` with labels `y`. Collective."""
+def evaluate(model, x, y, comm, dtype, confusion=None):
+    """(mean loss, accuracy) of `model` on rows `x` with labels `y`; with `confusion`, a
+    (classes, classes) float64 array, also counts [true class, predicted class]. Collective."""
     saved_normaliser = model.loss.normaliser
     model.loss.normaliser = None
+    model.eval()  # no dropout, running statistics: and so no collective inside the graph
     first, last = shard_bounds(len(y), comm.rank, comm.size)
     totals = np.zeros(3, np.float64)  # loss sum, correct, rows
     for start in range(first, last, EVAL_CHUNK):
@@ -25,9 +27,16 @@ def evaluate(model, x, y, comm, dtype):
         model.inputs.value, model.labels.value = X, labels
         forward_pass(model.graph)
         totals[0] += model.loss.loss_sum
-        totals[1] += np.count_nonzero(model.logits.value.argmax(axis=1) == labels)
+        predicted = model.logits.value.argmax(axis=1)
+        totals[1] += np.count_nonzero(predicted == labels)
         totals[2] += len(labels)
+        if confusion is not None:
+            k = len(confusion)
+            confusion += np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
     model.loss.normaliser = saved_normaliser
+    model.train()
     comm.allreduce_sum(totals)
+    if confusion is not None:
+        comm.allreduce_sum(confusion)
     loss_sum, correct, rows = totals
     return loss_sum / max(rows, 1), correct / max(rows, 1)
