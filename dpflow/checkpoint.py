@@ -175,9 +175,18 @@ def check_contents(path, arrays, meta):
                 damaged(f"its config: {error}")
     if not isinstance(model, dict):
         damaged("its metadata has no model table")
-    sizes = model.get("sizes")
-    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(is_count(n) and n > 0 for n in sizes)):
-        damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
+    if "spec" in model:  # a model built from its SPEC: what rebuilds it must be there
+        shape, classes = model.get("input_shape"), model.get("n_classes")
+        if not isinstance(model["spec"], str) or not isinstance(model.get("args", {}), dict):
+            damaged(f"model spec {model['spec']!r} or its arguments are not a name and a table")
+        if not (isinstance(shape, list) and shape and all(is_count(n) and n > 0 for n in shape)):
+            damaged(f"model input_shape {shape!r} is not a list of positive sizes")
+        if not (is_count(classes) and classes > 0):
+            damaged(f"model n_classes {classes!r} is not a positive count")
+    else:  # older checkpoints: always an MLP, described by its layer sizes
+        sizes = model.get("sizes")
+        if not (isinstance(sizes, list) and len(sizes) >= 2 and all(is_count(n) and n > 0 for n in sizes)):
+            damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
     if model.get("dtype") not in ("float32", "float64"):
         damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
     if meta.get("last_epoch") is not None and not isinstance(meta["last_epoch"], dict):
