@@ -19,10 +19,14 @@ from .model import MLP, Model
 from .pooling import GlobalAveragePool, MaxPool2D
 from .reshape import Flatten, Reshape
 from .residual import Add
+from .api import fit
+from .predict import load_model
+from .parallel import DataParallel
 
 __all__ = [
     "Activation", "Add", "BatchNorm", "Conv2D", "Dropout", "Flatten", "GlobalAveragePool",
     "GraphError", "Input", "Layer", "Linear", "Loss", "MLP", "MSE", "MaxPool2D", "Model", "ReLU",
     "Reshape", "Sigmoid", "SoftmaxCrossEntropy", "Tanh", "backward_pass", "feed",
     "forward_and_backward", "forward_pass", "sgd_update", "sort_layers", "topological_sort",
+    "DataParallel", "fit", "load_model",
 ]

@@ -56,3 +56,21 @@ def check_same_run(comm, config_values, data):
         raise UsageError(
             f"rank {rank} was given a different run: {'; '.join(described[:3])}; every rank needs "
             "the same flags, config file and dataset")
+
+
+def check_same_model(comm, spec, model):
+    """Every rank must build the same graph: the same layers in the same order, the same
+    parameter names and shapes. A builder that reads the rank, the host or its own random
+    state would otherwise train N different models. Collective."""
+    from .modelspec import describe
+
+    root, differ = ranks_that_differ(comm, describe(model))
+    if differ:
+        rank = min(differ)
+        other = differ[rank]
+        parts = [f"{part}: {other[part]!r:.200} (rank 0: {root[part]!r:.200})" for part in root
+                 if other[part] != root[part]]
+        raise UsageError(
+            f"`model` {spec or '(given in Python)'} builds a different graph on rank {rank} than on rank 0 "
+            f"({'; '.join(parts[:2])}); the builder must depend only on its arguments (use the `rng` "
+            "it is given, never the rank or a global random state)")

@@ -14,9 +14,9 @@ import numpy as np
 
 from . import _threads
 from .config import TrainConfig, UsageError, parse_hidden
+from .modelspec import input_layout, parse_model_args, resolve_builder
 from .data import Dataset
 from .optim import OPTIMIZERS
-from .sharding import shard_bounds
 from .trainer import Trainer
 
 
@@ -36,8 +36,15 @@ def positive_list(text, option, kind):
 
 
 def add_bench_arguments(parser):
+    parser.add_argument("--model", default="mlp",
+                        help="mlp (default), cnn, or path/to/file.py:function (as for train)")
+    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", dest="model_arg",
+                        help="a keyword argument of the model's builder, repeatable")
     parser.add_argument("--features", type=int, default=784, help="input features (default %(default)s)")
-    parser.add_argument("--hidden", default="512,256", help="hidden sizes (default %(default)s)")
+    parser.add_argument("--input-shape", metavar="C,H,W",
+                        help="one example's shape (default: --features values, or 1,28,28 for a "
+                             "model that takes images)")
+    parser.add_argument("--hidden", default="512,256", help="mlp hidden sizes (default %(default)s)")
     parser.add_argument("--classes", type=int, default=10, help="classes (default %(default)s)")
     parser.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (default %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps (default %(default)s)")
@@ -94,28 +101,62 @@ def time_trainer_sync(trainer, comm, repeats):
     return float(np.median(times))
 
 
-def time_gemms(sizes, rows, dtype, repeats, rng):
-    """Seconds (total, forward, backward) for the matrix multiplies of one training step at
-    `rows` rows per rank, each the median of `repeats`: forward X @ W per layer, backward
-    X.T @ grad per layer and grad @ W.T past the first."""
-    weights = [rng.standard_normal((a, b)).astype(dtype) for a, b in zip(sizes[:-1], sizes[1:])]
-    acts = [rng.standard_normal((rows, n)).astype(dtype) for n in sizes]
-    grads_w = [np.empty_like(w) for w in weights]
-    grads_x = [np.empty((rows, n), dtype) for n in sizes]
-    forward, backward = [], []
+def record_matmuls(trainer, permutation, batch):
+    """[(layer, phase, a, b)] for every np.matmul one training step calls, `phase` forward or
+    backward, with operands shaped and laid out as in the step (layers call `np.matmul`,
+    which this swaps for a recorder during one step)."""
+    calls, current = [], [None, None]
+    real = np.matmul
+
+    def recorder(a, b, *args, **kwargs):
+        calls.append((*current, np.empty_like(a), np.empty_like(b)))
+        return real(a, b, *args, **kwargs)
+
+    wrapped = []
+    for layer in trainer.model.graph:
+        for method in ("forward", "backward"):
+            original = getattr(layer, method)
+
+            def traced(*args, _layer=layer, _phase=method, _original=original, **kwargs):
+                current[:] = [_layer, _phase]
+                return _original(*args, **kwargs)
+
+            wrapped.append((layer, method))
+            setattr(layer, method, traced)
+    np.matmul = recorder
+    try:
+        trainer.train_step(permutation, batch)
+    finally:
+        np.matmul = real
+        for layer, method in wrapped:
+            delattr(layer, method)  # the class's method again
+    return calls
+
+
+def time_gemms(calls, repeats):
+    """The recorded matrix multiplies replayed alone on operands of the same shapes and
+    layouts, the compute limit of the step's GEMMs: seconds (total, forward, backward) and
+    {layer type: seconds}, each the median of `repeats`."""
+    for _, _, a, b in calls:
+        a[...] = 1.0
+        b[...] = 1.0
+    outputs = [np.matmul(a, b) for _, _, a, b in calls]
+    keys = sorted({type(layer).__name__ for layer, _, _, _ in calls}) + ["forward", "backward"]
+    times = {key: [] for key in keys}
     for _ in range(repeats):
-        started = time.perf_counter()
-        for i, W in enumerate(weights):
-            np.matmul(acts[i], W, out=acts[i + 1])
-        middle = time.perf_counter()
-        for i in reversed(range(len(weights))):
-            np.matmul(acts[i].T, acts[i + 1], out=grads_w[i])
-            if i > 0:
-                np.matmul(acts[i + 1], weights[i].T, out=grads_x[i])
-        forward.append(middle - started)
-        backward.append(time.perf_counter() - middle)
-    forward_s, backward_s = float(np.median(forward)), float(np.median(backward))
-    return forward_s + backward_s, forward_s, backward_s  # the total as the sum of its parts
+        spent = dict.fromkeys(keys, 0.0)
+        for (layer, phase, a, b), out in zip(calls, outputs):
+            started = time.perf_counter()
+            np.matmul(a, b, out=out)
+            seconds = time.perf_counter() - started
+            spent[type(layer).__name__] += seconds
+            spent[phase] += seconds
+        for key in keys:
+            times[key].append(spent[key])
+    median = {key: float(np.median(values)) for key, values in times.items()}
+    total = float(np.median(np.add(times["forward"], times["backward"])))
+    by_layer = {key: value for key, value in median.items() if key not in ("forward", "backward")}
+    return (total, median["forward"], median["backward"]), by_layer
 
 
 def tracer_seconds_per_span(samples=20000):
@@ -133,16 +174,33 @@ def bench_trainer(args, comm):
     """A Trainer on random data of exactly one global batch: every step is the real
     `train_step` of `dpflow train`, on the same rows."""
     rng = np.random.default_rng(1234)
-    x = rng.standard_normal((args.batch_size, args.features), dtype=np.float32).astype(args.dtype)
+    shape = example_shape(args)
+    x = rng.standard_normal((args.batch_size, *shape), dtype=np.float32).astype(args.dtype)
     y = rng.integers(0, args.classes, args.batch_size)
     data = Dataset("bench", x, y, x[:1], y[:1], args.classes)
     config = TrainConfig(dataset="bench", hidden=parse_hidden(args.hidden), batch_size=args.batch_size,
                          optimizer=args.optimizer, lr=1e-3, dtype=args.dtype, reducer=args.reducer,
                          bucket_mb=args.bucket_mb, noise_scale=args.noise_scale, consistency_every=0,
-                         stall_timeout=0)
+                         stall_timeout=0, model=args.model,
+                         model_args=parse_model_args(getattr(args, "model_arg", None)))
     trainer = Trainer(config, comm, data)
     trainer.sync = not args.no_sync
     return trainer
+
+
+def example_shape(args):
+    """--input-shape, else 1x28x28 for a model that takes images, else --features."""
+    if getattr(args, "input_shape", None):
+        try:
+            shape = tuple(int(part) for part in args.input_shape.replace("x", ",").split(","))
+        except ValueError:
+            raise UsageError(f"--input-shape must be sizes like 1,28,28, got {args.input_shape!r}") from None
+        if not shape or min(shape) < 1:
+            raise UsageError(f"--input-shape sizes must be >= 1, got {args.input_shape!r}")
+        return shape
+    if input_layout(resolve_builder(getattr(args, "model", "mlp"))) == "images":
+        return (1, 28, 28)
+    return (args.features,)
 
 
 def current_rss_mb():
@@ -190,13 +248,12 @@ def run_bench(args, comm):
     rss_after_steps = peak_rss_mb()
     phases = trainer.phase_seconds / args.steps
 
-    first, last = shard_bounds(args.batch_size, comm.rank, comm.size)
     repeats = max(20, args.steps // 2)
     raw_allreduce = time_raw_allreduce(comm, flat.grads.size, dtype, repeats) if comm.size > 1 else 0.0
     # The trainer's own reduction, timed like the raw one (after a barrier): what the sync
     # costs without the wait for a slower rank that the in-step "sync" includes.
     sync_alone = time_trainer_sync(trainer, comm, repeats) if comm.size > 1 and not args.no_sync else 0.0
-    gemms = time_gemms(trainer.model.sizes, last - first, dtype, repeats, np.random.default_rng(0))
+    gemms, gemms_by_layer = time_gemms(record_matmuls(trainer, permutation, batch), repeats)
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
     slowest = np.array([step_times.mean(), *phases, *gemms, rss_after_warmup, rss_after_steps,
@@ -213,7 +270,8 @@ def run_bench(args, comm):
         "batch_size": args.batch_size,
         "rows_per_rank_max": -(-args.batch_size // comm.size),
         "dtype": dtype.name,
-        "sizes": trainer.model.sizes,
+        "model": model_name(trainer),
+        "gemm_ms_by_layer": {kind: 1e3 * seconds for kind, seconds in gemms_by_layer.items()},
         "reducer": "none" if args.no_sync else args.reducer,
         "bucket_mb": args.bucket_mb,
         "buckets": len(trainer.parallel.buckets) if trainer.overlap else 0,
@@ -253,9 +311,19 @@ def state_megabytes(trainer):
     return sum(a.nbytes for a in arrays) / 2**20
 
 
+def model_name(trainer):
+    """'MLP 784-512-256-10' or 'cnn (dense=64)': what the bench ran."""
+    model, config = trainer.model, trainer.config
+    if config.model == "mlp" and hasattr(model, "sizes"):
+        return "MLP " + "-".join(map(str, model.sizes))
+    args = ", ".join(f"{key}={value}" for key, value in config.model_args.items())
+    shape = "x".join(map(str, trainer.data.input_shape))
+    return f"{config.model}{f' ({args})' if args else ''} on {shape} examples, {model.parameter_count():,} parameters"
+
+
 def format_report(r):
     lines = [
-        f"dpflow bench: MLP {'-'.join(map(str, r['sizes']))}, global batch {r['batch_size']}, "
+        f"dpflow bench: {r['model']}, global batch {r['batch_size']}, "
         f"{r['dtype']}, {r['world_size']} rank(s), reducer {r['reducer']}",
         f"  samples/s        {r['samples_per_sec']:>12,.0f}",
         f"  step             {r['step_ms']:>12.3f} ms",
@@ -265,7 +333,9 @@ def format_report(r):
         f"    update         {r['update_ms']:>12.3f} ms",
         f"  sync alone       {r['sync_alone_ms']:>12.3f} ms (the step's allreduce after a barrier: no waiting for a slower rank)",
         f"  raw Allreduce    {r['raw_allreduce_ms']:>12.3f} ms of {r['gradient_bytes'] / 1e6:.2f} MB",
-        f"  GEMMs alone      {r['gemm_only_ms']:>12.3f} ms (the compute limit at this per-rank batch)",
+        f"  GEMMs alone      {r['gemm_only_ms']:>12.3f} ms (the step's matrix multiplies replayed alone: "
+        "the compute limit at this per-rank batch)",
+        *[f"    {kind:<14} {ms:>12.3f} ms" for kind, ms in r["gemm_ms_by_layer"].items()],
         f"  peak RSS         {r['peak_rss_mb']:>12.1f} MB per rank (max; {r['peak_rss_after_warmup_mb']:.1f} after warmup)",
         f"  added by dpflow  {r['rss_added_by_training_mb']:>12.1f} MB per rank (peak RSS minus the RSS before the model)",
         f"  training state   {r['state_mb']:>12.1f} MB (parameters, gradients, optimizer, activations)",

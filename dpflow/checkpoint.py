@@ -184,9 +184,18 @@ def check_contents(path, arrays, meta):
                 damaged(f"its config: {error}")
     if not isinstance(model, dict):
         damaged("its metadata has no model table")
-    sizes = model.get("sizes")
-    if not (isinstance(sizes, list) and len(sizes) >= 2 and all(is_count(n) and n > 0 for n in sizes)):
-        damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
+    if "spec" in model:  # a model built from its SPEC: what rebuilds it must be there
+        shape, classes = model.get("input_shape"), model.get("n_classes")
+        if not isinstance(model["spec"], str) or not isinstance(model.get("args", {}), dict):
+            damaged(f"model spec {model['spec']!r} or its arguments are not a name and a table")
+        if not (isinstance(shape, list) and shape and all(is_count(n) and n > 0 for n in shape)):
+            damaged(f"model input_shape {shape!r} is not a list of positive sizes")
+        if not (is_count(classes) and classes > 0):
+            damaged(f"model n_classes {classes!r} is not a positive count")
+    else:  # older checkpoints: always an MLP, described by its layer sizes
+        sizes = model.get("sizes")
+        if not (isinstance(sizes, list) and len(sizes) >= 2 and all(is_count(n) and n > 0 for n in sizes)):
+            damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
     if model.get("dtype") not in ("float32", "float64"):
         damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
     if meta.get("last_epoch") is not None and not isinstance(meta["last_epoch"], dict):
@@ -327,7 +336,8 @@ def free_space(directory):
 # Settings a run must share with the checkpoint it resumes: they shape the parameters,
 # the optimizer state or the data every step sees.
 # The dataset itself is matched by content (`data.fingerprint`), not by its path string.
-MUST_MATCH_ON_RESUME = ("samples", "features", "classes", "normalize", "validation_split", "hidden",
+MUST_MATCH_ON_RESUME = ("samples", "features", "classes", "normalize", "validation_split", "model",
+                        "model_args", "hidden",
                         "activation", "optimizer", "dtype", "lr_schedule", "lr_decay_epochs",
                         "lr_decay_factor", "lr_power", "min_lr", "warmup_epochs")
 
@@ -340,9 +350,26 @@ def resume_keys(stored):
     return MUST_MATCH_ON_RESUME
 
 
+def model_meta(trainer):
+    """What rebuilds the model: its SPEC (and, for a file, where it was), the builder's
+    arguments, the data's example shape and class count, the dtype."""
+    from .modelspec import builder_arguments, spec_file
+
+    config, data = trainer.config, trainer.data
+    meta = {"spec": config.model, "args": builder_arguments(config) if config.model else {},
+            "input_shape": list(data.input_shape), "n_classes": int(data.n_classes),
+            "dtype": trainer.dtype.name, "parameters": int(trainer.flat.size)}
+    path = spec_file(config.model)
+    if path:
+        meta["source"] = os.path.abspath(path)
+    return meta
+
+
 def training_state(trainer):
     """The global training state as named arrays and metadata (a copy: safe to write later)."""
     arrays = {f"param/{name}": np.array(value) for name, value in trainer.flat.as_dict().items()}
+    # Non-trainable state (BatchNorm's running statistics): the same on every rank.
+    arrays.update({f"state/{name}": np.array(value) for name, value in trainer.model.state().items()})
     meta = {"dpflow_version": __version__, "epoch": trainer.epoch, "step_in_epoch": trainer.step_in_epoch,
             "global_step": trainer.global_step, "optimizer_steps": trainer.optimizer.steps,
             "samples_seen": trainer.samples_seen(), "seed": trainer.config.seed,
@@ -350,8 +377,7 @@ def training_state(trainer):
             # The last epoch's record only: the whole history lives in the metrics file, and a
             # checkpoint must not grow with the length of the run.
             "last_epoch": trainer.history[-1] if trainer.history else None,
-            "model": {"sizes": trainer.model.sizes, "activation": trainer.model.activation,
-                      "dtype": trainer.dtype.name},
+            "model": model_meta(trainer),
             "noise": trainer.noise.state() if trainer.noise else None,
             # What eval and predict need to see the data as training did, and what it was.
             "normalizer": trainer.data.normalizer.state(), "dataset_fingerprint": fingerprint(trainer.data)}
@@ -443,6 +469,8 @@ def load_checkpoint(trainer, source, for_training=True, loaded=None):
     meta, shapes, path = payload["meta"], payload["shapes"], payload["path"]
     check_compatible(trainer, path, meta, shapes, for_training)
     buffers = [(f"param/{name}", flat.view(flat.values, name)) for name in flat.names]
+    # Running statistics count for evaluation too.
+    buffers += [(f"state/{name}", value) for name, value in trainer.model.state().items()]
     if for_training:
         # state_dict() hands out the optimizer's live arrays: filling them restores it.
         buffers += [(f"optim/{key}", value) for key, value in optimizer.state_dict().items()
@@ -463,22 +491,38 @@ def load_checkpoint(trainer, source, for_training=True, loaded=None):
     return path
 
 
+def describe_model(model_meta):
+    """'cnn {'dropout': 0.25}, 225,034 parameters' from a checkpoint's model record (older
+    checkpoints hold an MLP's layer sizes)."""
+    if "sizes" in model_meta and "spec" not in model_meta:
+        return f"mlp, layer sizes {model_meta['sizes']}"
+    args = model_meta.get("args") or {}
+    shown = " " + ", ".join(f"{key}={value}" for key, value in args.items()) if args else ""
+    return (f"{model_meta.get('spec') or 'a model given in Python'}{shown}, "
+            f"{model_meta.get('parameters', 0):,} parameters")
+
+
 def check_compatible(trainer, path, meta, shapes, for_training):
-    """The checkpoint must fit this model (and, to resume, this run's settings)."""
-    expected = {f"param/{name}": tuple(shape) for name, shape in trainer.flat.shapes.items()}
-    got = {name: tuple(shape) for name, shape in shapes.items() if name.startswith("param/")}
-    if got != expected:
-        raise CheckpointError(
-            f"the checkpoint {path} is from a different model (layer sizes {meta['model']['sizes']}; "
-            f"this run builds {trainer.model.sizes}); use the `hidden` and `dataset` it was trained "
-            "with, or a fresh `checkpoint_dir`"
-        )
-    if not for_training:
-        return
-    # A key an older checkpoint lacks had its default then.
+    """The checkpoint must fit this model; to resume, the run's settings must be the
+    checkpoint's. A refusal names the settings that differ."""
+    # A key an older checkpoint lacks had its default then (`model` was always mlp).
     stored = {**dataclasses.asdict(type(trainer.config)()), **meta["config"]}
     differ = [f"`{key}` {stored.get(key)!r} (now {getattr(trainer.config, key)!r})"
               for key in resume_keys(stored) if stored.get(key) != getattr(trainer.config, key)]
+    expected = {f"param/{name}": tuple(shape) for name, shape in trainer.flat.shapes.items()}
+    expected.update({f"state/{name}": tuple(value.shape) for name, value in trainer.model.state().items()})
+    got = {name: tuple(shape) for name, shape in shapes.items() if name.startswith(("param/", "state/"))}
+    if got != expected:
+        arrays = sorted(set(got) ^ set(expected)) or [name for name in expected if got[name] != expected[name]]
+        raise CheckpointError(
+            f"the checkpoint {path} is from a different model ({describe_model(meta.get('model', {}))}); "
+            f"this run builds {describe_model(model_meta(trainer))}, and they differ in "
+            f"{', '.join(arrays[:3])}" + (f"; it was trained with {', '.join(differ)}" if differ else "")
+            + "; use the `model`, `model_args` and `dataset` it was trained with"
+            + (", or a fresh `checkpoint_dir`" if for_training else "")
+        )
+    if not for_training:  # eval may use another dataset, with the checkpoint's normaliser
+        return
     was = meta.get("dataset_fingerprint")
     if was is None and stored.get("dataset") != trainer.config.dataset:  # a checkpoint from before fingerprints
         differ.append(f"`dataset` {stored.get('dataset')!r} (now {trainer.config.dataset!r})")
@@ -493,4 +537,3 @@ def check_compatible(trainer, path, meta, shapes, for_training):
             f"the checkpoint {path} was trained with {', '.join(differ)}; resume with the same "
             "settings, or start a new run in a fresh `checkpoint_dir`"
         )
-

@@ -10,20 +10,26 @@ never hang on it. The library's errors name settings; here they are shown as fla
 
 import argparse
 import contextlib
+import io
 import os
 import stat
 import sys
 import zipfile
 
+import numpy as np
+
 from . import __version__, _threads, bench, failure, output
-from .agreement import agree, check_same_run
-from .checkpoint import check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters
+from .agreement import agree, check_same_model, check_same_run
+from .checkpoint import (
+    atomic_write, check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters,
+)
 from .config import FIELDS, CHOICES, TrainConfig, build_config, coerce, config_dict, flag, load_toml
 from .data import load_dataset
 from .errors import DataError, DpflowError, TrainingError, UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import launcher_rank
+from .modelspec import build_model, builder_arguments, parse_model_args
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,8 +58,10 @@ TRAIN_HELP = {
                  "per feature; none",
     "validation_split": "fraction of the training rows held out for validation, the same rows on "
                         "every rank (from --seed); 0 off (default %(default)s)",
-    "hidden": "hidden layer sizes, comma-separated (default 128,64); '' for none",
-    "activation": "hidden activation (default %(default)s)",
+    "model": "mlp (default), cnn, or a builder of your own: path/to/file.py:function or "
+             "package.module:function, called as function(input_shape, n_classes, rng, dtype, **args)",
+    "hidden": "mlp: hidden layer sizes, comma-separated (default 128,64); '' for none",
+    "activation": "mlp: hidden activation (default %(default)s)",
     "epochs": "passes over the training set (default %(default)s)",
     "batch_size": "GLOBAL batch, split across ranks (default %(default)s)",
     "lr": "learning rate before scaling (default %(default)s)",
@@ -111,6 +119,9 @@ TRAIN_HELP = {
 def add_train_arguments(parser):
     parser.add_argument("--config", metavar="FILE.toml",
                         help="TOML file with the same keys as these flags; flags override it")
+    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", dest="model_arg",
+                        help="a keyword argument of the model's builder, repeatable (--model-arg "
+                             "dropout=0.25 --model-arg channels=[16,32]); a [model] table in --config")
     for name, help_text in TRAIN_HELP.items():
         default = FIELDS[name].default
         if isinstance(default, bool):
@@ -130,7 +141,16 @@ def train_config(args):
     file_values = load_toml(args.config) if args.config else {}
     flag_values = {name: coerce(name, getattr(args, name)) for name in TRAIN_HELP
                    if getattr(args, name) is not None}
+    if args.model_arg:  # each KEY=VALUE overrides that key of the file's [model] table
+        flag_values["model_args"] = {**file_values.get("model_args", {}), **parse_model_args(args.model_arg)}
     return build_config(file_values, flag_values)
+
+
+def save_array(path, array):
+    """One array as a .npy, written atomically."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write(path, buffer.getvalue())
 
 
 def check_output_path(name, path):
@@ -157,14 +177,14 @@ def spell_setting(name):
     return flag(name) if name in FIELDS else None
 
 
-def load_data(comm, config, normalizer_state=None):
+def load_data(comm, config, normalizer_state=None, layout="rows"):
     """The run's dataset, loaded by every rank (a file's cache is built by one rank per node
     while the others wait), with any validation rows held out; bad data stops every rank.
     Every rank then applies rank 0's normaliser (or the checkpoint's, `normalizer_state`), so
     all transform their batches with the same bits. Collective."""
     from .normalize import Normalizer
 
-    data = agree(comm, lambda: read_dataset(config, comm))
+    data = agree(comm, lambda: read_dataset(config, comm, layout))
     state = normalizer_state or comm.broadcast_object(data.normalizer.state())
     data.normalizer = Normalizer.from_state(state)
     return data
@@ -175,15 +195,19 @@ UNREADABLE = (OSError, EOFError, ValueError, KeyError, IndexError, ArithmeticErr
               UnicodeError, zipfile.BadZipFile)
 
 
-def read_dataset(config, comm):
+def read_dataset(config, comm, layout="rows"):
     """load_dataset (and the validation rows), with any failure that the dataset's contents
-    cause reported as bad data (exit 2, naming the dataset) rather than as a crash."""
-    from .data import hold_out
+    cause reported as bad data (exit 2, naming the dataset) rather than as a crash. Images
+    come as (C, H, W) when the model's `layout` asks for them; data that holds no images
+    stays rows, for the model to refuse or reshape (the cnn takes rows of square images)."""
+    from .data import as_layout, hold_out
 
     try:
         data = load_dataset(config.dataset, config.samples, config.features, config.classes, config.seed,
                             dtype=config.dtype, normalize=config.normalize,
                             is_writer=comm.local_rank == 0, wait=comm.node_barrier)
+        if layout == "images" and data.image_shape:
+            data = as_layout(data, "images")
         return hold_out(data, config.validation_split, config.seed)
     except DataError:
         raise
@@ -213,13 +237,52 @@ def start_trace(comm, path):
     return tracer
 
 
+def model_layout(config, model):
+    """`rows` or `images`: what the model (a SPEC's builder, or the builder or Model `fit()`
+    was given) declares with its `input_layout`; rows when it says nothing. A SPEC that does
+    not resolve is reported when the model is built, after the data: rows until then."""
+    from .modelspec import input_layout, resolve_builder
+
+    if model is not None:
+        return input_layout(model)
+    try:
+        return input_layout(resolve_builder(config.model))
+    except UsageError:
+        return "rows"
+
+
+def build_run_model(comm, config, data, model=None):
+    """`model` SPEC's model (or the Model `fit()` was given), built on every rank, checked
+    against the data and to be the same graph everywhere. Collective."""
+    from .model import Model
+    from .modelspec import check_model
+
+    def build():
+        if model is None or callable(model) and not isinstance(model, Model):
+            return build_model(config.model, builder_arguments(config), data.input_shape,
+                               data.n_classes, config.seed, config.dtype, builder=model)
+        check_model("(given to fit)", model, data.input_shape, data.n_classes, np.dtype(config.dtype))
+        return model
+
+    built = agree(comm, build)
+    check_same_model(comm, config.model, built)
+    return built
+
+
 def run_train(args, comm, safety):
+    trainer, status = train(agree(comm, lambda: train_config(args)), comm, safety)
+    return status
+
+
+def train(config, comm, safety, data=None, model=None):
+    """One training run: the data, the model, the start-up checks, resume, the loop, the final
+    save. `fit()` passes a dataset and a Model of its own. Returns (the Trainer, the exit
+    status). Collective."""
     from .checkpoint import BEST, check_room, training_state
     from .launch import ProgressFile
     from .signals import StopRequest
     from .trainer import Trainer, best_epoch, check_batch_size, check_model_fits
 
-    config = agree(comm, lambda: train_config(args))
     # From the start a signal is a stop request for the first step boundary, never a crash.
     stop = StopRequest().install()
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
@@ -230,7 +293,7 @@ def run_train(args, comm, safety):
     try:
         watchdog.beat("loading the dataset")
         with phase("load the dataset"):
-            data = load_data(comm, config)
+            data = load_data(comm, config, layout=model_layout(config, model)) if data is None else data
         watchdog.beat("start-up checks")
         with phase("start-up checks"):
             check_same_run(comm, config_dict(config), data)
@@ -241,10 +304,13 @@ def run_train(args, comm, safety):
         for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
-        # Free memory may differ between nodes: every rank's verdict is shared.
-        agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
+        if config.model == "mlp" and model is None:
+            # Free memory may differ between nodes: every rank's verdict is shared.
+            agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
+        watchdog.beat("building the model")
         with phase("build the model, broadcast rank 0's parameters"):
-            trainer = Trainer(config, comm, data)  # collective: checks the model, broadcasts rank 0's
+            model = build_run_model(comm, config, data, model)
+            trainer = Trainer(config, comm, data, model=model)  # collective: broadcasts rank 0's parameters
         trainer.tracer = trainer.checkpoints.tracer = tracer
         trainer.stop = stop
         if config.checkpoint_dir:
@@ -315,8 +381,8 @@ def run_train(args, comm, safety):
     if comm.broadcast_object(behind):
         if comm.is_root:
             sys.stderr.write(f"dpflow: warning: training finished, but {behind}\n")
-        return CHECKPOINT_BEHIND
-    return 0
+        return trainer, CHECKPOINT_BEHIND
+    return trainer, 0
 
 
 # --- eval, info, plot ---------------------------------------------------------------------
@@ -341,13 +407,42 @@ def run_eval(args, comm, safety):
     config.batch_size = max(config.batch_size, comm.size)
     # The test set is transformed exactly as the checkpoint's training batches were.
     normalizer = comm.broadcast_object(loaded[2].get("normalizer") if comm.is_root else None)
-    data = load_data(comm, config, normalizer)
+    data = load_data(comm, config, normalizer, layout=model_layout(config, None))
     trainer = Trainer(config, comm, data)
     path = load_checkpoint(trainer, args.checkpoint, for_training=False, loaded=loaded)
-    loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype, data.normalizer)
+    confusion = np.zeros((data.n_classes, data.n_classes)) if args.confusion else None
+    loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype,
+                              data.normalizer, confusion=confusion)
     if comm.is_root:
         print(f"test_loss {loss:.4f}  test_accuracy {accuracy:.2%}  rows {len(data.y_test)}  "
               f"ranks {comm.size}  dataset {data.name}  checkpoint {path}")
+        if confusion is not None:
+            print("\n".join(output.confusion_lines(confusion)))
+    return 0
+
+
+def run_predict(args, comm, safety):
+    """Rank 0 predicts (a forward pass needs no data parallelism); bad input stops every rank."""
+    from .predict import load_model, predict, read_examples
+
+    def run():
+        if not comm.is_root:
+            return None
+        model = load_model(args.checkpoint)
+        x = read_examples(args.input, model.input_shape)
+        return model, predict(model, x, args.probabilities)
+
+    done = agree(comm, run)
+    if comm.is_root:
+        model, outputs = done
+        if args.output:
+            save_array(args.output, outputs)
+            kind = "probabilities" if args.probabilities else "class indices"
+            print(f"predicted {len(outputs)} rows with {model.description} ({model.checkpoint}); "
+                  f"{kind} written to {args.output}", file=sys.stderr)
+        else:
+            rows = outputs if args.probabilities else outputs[:, None]
+            np.savetxt(sys.stdout, rows, fmt="%.6f" if args.probabilities else "%d")
     return 0
 
 
@@ -374,6 +469,19 @@ def add_eval_arguments(parser):
     parser.add_argument("--checkpoint", required=True, metavar="PATH",
                         help="a checkpoint file, or a checkpoint directory (its newest valid one)")
     parser.add_argument("--dataset", help="evaluate on this dataset instead of the training one")
+    parser.add_argument("--confusion", action="store_true",
+                        help="also print the confusion matrix (rows: true class, columns: predicted)")
+
+
+def add_predict_arguments(parser):
+    parser.add_argument("--checkpoint", required=True, metavar="PATH",
+                        help="a checkpoint file, or a checkpoint directory (its newest valid one)")
+    parser.add_argument("--input", required=True, metavar="FILE",
+                        help="examples to classify: .npy, .npz (x_test, x, or its only array) or IDX")
+    parser.add_argument("--output", metavar="FILE.npy",
+                        help="write the predictions here (default: print one per line)")
+    parser.add_argument("--probabilities", action="store_true",
+                        help="the softmax probability of every class instead of the class index")
 
 
 def add_plot_arguments(parser):
@@ -389,6 +497,8 @@ COMMANDS = {
               "Train an MLP, data-parallel across the ranks of `mpirun -n N dpflow train`. "
               "Exit status: 0 success, 1 failure during training, 2 bad usage, config or data."),
     "eval": (run_eval, add_eval_arguments, "test loss and accuracy of a checkpoint", None),
+    "predict": (run_predict, add_predict_arguments, "class predictions of a checkpoint's model for a file "
+                "of examples", None),
     "info": (run_info, None, "versions, MPI library, world size, hosts and BLAS threads", None),
     "plot": (run_plot, add_plot_arguments, "loss and accuracy curves from a --metrics file as a PNG", None),
     "bench": (run_bench, bench.add_bench_arguments,

@@ -25,8 +25,10 @@ class TrainConfig:
     normalize: str = "auto"  # images scaled to [0, 1] as torchvision's ToTensor does; rows of features untouched
     validation_split: float = 0.0  # fraction of the training rows held out, the same rows on every rank
     # Model
-    hidden: list = field(default_factory=lambda: [128, 64])  # reaches >= 97% on digits
-    activation: str = "relu"
+    model: str = "mlp"  # a built-in (mlp, cnn), path/to/file.py:function or package.module:function
+    model_args: dict = field(default_factory=dict)  # keyword arguments of the model's builder
+    hidden: list = field(default_factory=lambda: [128, 64])  # mlp only; reaches >= 97% on digits
+    activation: str = "relu"  # mlp only
     # Optimisation
     epochs: int = 20
     batch_size: int = 64  # the GLOBAL batch, split across ranks
@@ -98,6 +100,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def flag(name):
+    if name == "model_args":  # one argument per flag: --model-arg KEY=VALUE
+        return "--model-arg"
     return "--" + name.replace("_", "-")
 
 
@@ -139,6 +143,10 @@ def coerce(name, value):
         return parse_hidden(value)
     if name == "lr_decay_epochs":
         return parse_epochs(value)
+    if name == "model_args":
+        if not isinstance(value, dict):
+            raise UsageError(f"the model's arguments must be a table of KEY = VALUE, got {value!r}")
+        return dict(value)
     kind = OPTIONAL_TYPES.get(name, type(default))
     if kind is bool:
         if isinstance(value, bool):
@@ -198,6 +206,11 @@ def load_toml(path):
     if set(table) == {"train"} and isinstance(table["train"], dict):
         table = table["train"]
     values = {}
+    if isinstance(table.get("model"), dict):  # [model]: the builder's arguments, and its spec
+        arguments = dict(table.pop("model"))
+        if "spec" in arguments:
+            table["model"] = arguments.pop("spec")
+        table["model_args"] = arguments
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in FIELDS:

@@ -29,7 +29,7 @@ class Layer:
         self.gradients = {}
         self.name = name
         # Scratch arrays reused across steps, keyed by role and shape: fresh multi-megabyte
-        # temporaries page-fault on every step (NOTES.md: 6.1 ms against 3.8 ms per step).
+        # temporaries page-fault on every step (measured on a 2-core machine: 6.1 ms against 3.8 ms per step).
         self._scratch = {}
         for layer in self.inbound_layers:
             layer.outbound_layers.append(self)

@@ -35,8 +35,7 @@ def banner_lines(trainer, comm, hosts):
         + f" / {len(data.y_test)} test rows, "
         + (f"{'x'.join(map(str, data.image_shape))} images" if data.image_shape else f"{data.n_features} features")
         + f", {data.n_classes} classes | normalize: {data.normalizer.describe()}",
-        f"model: MLP {'-'.join(map(str, trainer.model.sizes))} {config.activation}, "
-        f"{trainer.model.parameter_count():,} parameters, {config.dtype}",
+        *model_lines(trainer),
         f"batch: {config.batch_size} global = {share} per rank x {comm.size}"
         + (f", accumulated x{config.accumulate}" if config.accumulate > 1 else "")
         + f" | lr {trainer.scaled_lr():g} ({update_rule(trainer)})"
@@ -79,6 +78,24 @@ def noise_line(noise_scale, batch):
     else:
         verdict = "the batch is above it, so more rows per step buy little"
     return f"gradient noise scale (last epoch): {noise_scale:,.0f} rows; global batch {batch:,}: {verdict}"
+
+
+def model_lines(trainer):
+    """The model: its SPEC and parameter count; for any model but the MLP, a table of its
+    layers (name, type, output shape per example, parameters)."""
+    model, config = trainer.model, trainer.config
+    count = f"{model.parameter_count():,} parameters, {config.dtype}"
+    if config.model == "mlp" and hasattr(model, "sizes"):
+        return [f"model: MLP {'-'.join(map(str, model.sizes))} {config.activation}, {count}"]
+    args = ", ".join(f"{key}={value}" for key, value in config.model_args.items())
+    lines = [f"model: {config.model or 'given in Python'}{f' ({args})' if args else ''}, {count}"]
+    rows = model.summary(trainer.data.input_shape, trainer.dtype)
+    width = max([14] + [len(name) for name, *_ in rows])
+    for name, kind, shape, params in rows:
+        shown = "x".join(map(str, shape)) if shape else "-"
+        line = f"  {name:<{width}} {kind:<20} {shown:>12}"
+        lines.append(f"{line} {params:>10,}" if params else line)
+    return lines
 
 
 EPOCH_HEADER = f"{'epoch':>7} {'step':>7} {'train_loss':>10} {'test_loss':>10} {'test_acc':>8} {'samples/s':>10} {'comm':>6}"
@@ -189,6 +206,18 @@ class Reporter:
                 self.metrics.close()
             except OSError:
                 pass
+
+
+def confusion_lines(confusion):
+    """The confusion matrix as text: a row per true class, a column per predicted class."""
+    counts = np.asarray(confusion, np.int64)
+    width = max(5, len(f"{counts.max():,}") + 1)
+    lines = ["confusion (rows: true class, columns: predicted class; the diagonal is correct)",
+             "true\\pred" + "".join(f"{k:>{width}}" for k in range(len(counts))) + f"{'recall':>8}"]
+    for k, row in enumerate(counts):
+        recall = row[k] / row.sum() if row.sum() else float("nan")
+        lines.append(f"{k:>9}" + "".join(f"{n:>{width},}" for n in row) + f"{recall:>8.1%}")
+    return lines
 
 
 def info_lines(comm, hosts, threads):

@@ -1,6 +1,7 @@
 """`DataParallel`: the few lines a MiniFlow-style program adds to train on N ranks.
 
     dp = DataParallel({"W1": W1, "b1": b1, "W2": W2, "b2": b2})   # names fix the packing order
+    # or DataParallel([W1, b1, W2, b2]): a list is named by position ("0", "1", ...)
     for X_batch, y_batch in global_batches:
         X.value, y.value = dp.shard(X_batch), dp.shard(y_batch)   # this rank's rows
         cost.normaliser = len(X_batch)                            # the GLOBAL row count
@@ -16,9 +17,12 @@ gradient over the rows of the batch.
 
 import time
 
+import numpy as np
+
 from .agreement import ranks_that_differ
-from .comm import create_communicator
-from .errors import UsageError
+from .comm import create_communicator, fingerprint
+from .errors import TrainingError, UsageError
+from .graph import Input
 from .sharding import shard_bounds
 from .flat import FlatParameters
 
@@ -26,16 +30,23 @@ from .flat import FlatParameters
 class DataParallel:
     """Parameters packed into flat buffers, the same on every rank, gradients summed in one call.
 
-    Construction is collective: it checks that every rank has the same parameter names and
-    shapes, then broadcasts rank 0's values.
+    `params` is a dict name -> parameter Input (the names fix the packing order), or a list
+    of parameter Inputs, named by their position ("0", "1", ...). Entries that are not named,
+    named twice, or not parameters are refused: a parameter left out would silently drift
+    apart between ranks. Construction is collective: it checks that every rank has the same
+    parameter names and shapes, then broadcasts rank 0's values. With `consistency_every`
+    N > 0, every Nth `allreduce_gradients` also checks that all ranks hold the same values
+    (`check_consistency`).
     """
 
-    def __init__(self, params, comm=None, extra_slots=0, reducer="flat"):
+    def __init__(self, params, comm=None, extra_slots=0, reducer="flat", consistency_every=0):
         self.comm = comm if comm is not None else create_communicator()
         self.rank, self.size = self.comm.rank, self.comm.size
+        params = checked_parameters(params)
         first = next(iter(params.values()))
         self.flat = FlatParameters(params, first.value.dtype, extra_slots=extra_slots)
         self.reducer = reducer
+        self.consistency_every, self.reductions = int(consistency_every), 0
         self.synchronise()
 
     @property
@@ -69,6 +80,20 @@ class DataParallel:
             self.comm.allreduce_sum_each(self.flat.grad_views() + [self.flat.extra])
         else:
             self.comm.allreduce_sum(self.flat.grads)
+        self.reductions += 1
+        if self.consistency_every and self.reductions % self.consistency_every == 0:
+            self.check_consistency()
+
+    def check_consistency(self):
+        """Every rank must hold bit-identical parameter values: a parameter updated on some
+        ranks only, or a non-deterministic update, makes the ranks train different models.
+        Collective; TrainingError on every rank naming the ranks that differ."""
+        _, differ = ranks_that_differ(self.comm, fingerprint(self.flat.values))
+        if differ:
+            raise TrainingError(
+                f"ranks {sorted(differ)} hold parameter values that differ from rank 0's after "
+                f"{self.reductions} gradient reductions; every rank must update every parameter "
+                "with the same reduced gradients (is a trainable missing from DataParallel's params?)")
 
     # --- overlapping the allreduce with backward ----------------------------------------------
 
@@ -119,3 +144,38 @@ class DataParallel:
                     requests.append(self.comm.start_allreduce_sum(self.flat.grads[start:stop]))
                     self.started_at.append(time.perf_counter())
         return [request for request in requests if request is not None]
+
+
+def checked_parameters(params):
+    """name -> parameter Input, from a dict or a list; refuses what cannot be a parameter."""
+    if isinstance(params, (list, tuple)):
+        params = {str(index): param for index, param in enumerate(params)}
+    elif not isinstance(params, dict):
+        raise UsageError(f"DataParallel takes a dict name -> parameter Input, or a list of them; "
+                         f"got {type(params).__name__}")
+    if not params:
+        raise UsageError("DataParallel was given no parameters")
+    unnamed = [repr(param) for name, param in params.items() if not isinstance(name, str) or not name]
+    if unnamed:
+        raise UsageError(
+            f"DataParallel: {', '.join(unnamed)} has no name (a dict built from unnamed Inputs, such as "
+            "{t.name: t for t in trainables} with Input(), keeps only the last one and leaves the "
+            "others to drift apart); name each parameter, Input(value, name='W1'), or pass the list")
+    seen = {}
+    for name, param in params.items():
+        if not isinstance(param, Input):
+            raise UsageError(f"DataParallel: {name!r} is a {type(param).__name__}, not a parameter Input")
+        if not isinstance(param.value, np.ndarray) or param.value.dtype.kind != "f":
+            raise UsageError(f"DataParallel: {name!r} has no floating-point array value "
+                             f"(got {type(param.value).__name__}); set it before DataParallel sees it")
+        if not param.requires_grad:
+            raise UsageError(f"DataParallel: {name!r} is an Input with requires_grad=False (data, "
+                             "not a parameter); list only the trainables")
+        if id(param) in seen:
+            raise UsageError(f"DataParallel: one Input is listed as both {seen[id(param)]!r} and {name!r}")
+        seen[id(param)] = name
+    dtypes = {param.value.dtype for param in params.values()}
+    if len(dtypes) > 1:
+        raise UsageError(f"DataParallel: the parameters mix dtypes {sorted(map(str, dtypes))}; "
+                         "give them one dtype")
+    return params

@@ -29,7 +29,7 @@ from .errors import Interrupted, TrainingError, UsageError
 from .evaluation import evaluate
 from .flat import all_finite
 from .graph import backward_pass, forward_pass
-from .model import MLP
+from .modelspec import build_model, builder_arguments
 from .noise import NoiseScale, local_term, step_estimate
 from .optim import create_optimizer
 from .parallel import DataParallel
@@ -92,7 +92,7 @@ def check_model_fits(sizes, dtype):
 
 
 class Trainer:
-    def __init__(self, config, comm, data, warn=None):
+    def __init__(self, config, comm, data, warn=None, model=None):
         self.config = config
         self.comm = comm
         self.data = data
@@ -101,8 +101,13 @@ class Trainer:
         self.log = warn if comm.is_root else (lambda message: None)
         self.dtype = np.dtype(config.dtype)
         check_batch_size(config.batch_size, comm.size)
-        self.model = MLP(data.n_features, config.hidden, data.n_classes, config.activation,
-                         seed=config.seed, dtype=self.dtype)
+        # `model` SPEC's builder, seeded from `seed`: the same graph on every rank (checked
+        # by the caller), or a Model given by `fit()`.
+        self.model = model if model is not None else build_model(
+            config.model, builder_arguments(config), data.input_shape, data.n_classes, config.seed, self.dtype)
+        # Layers that need the global batch (BatchNorm) sum through the communicator.
+        self.model.set_reduction(comm.allreduce_sum)
+        self.model.train()
         self.parallel = DataParallel(self.model.params, comm, EXTRA_SLOTS, config.reducer)
         self.flat = self.parallel.flat
         # Datasets arrive in the training dtype (so this copies nothing); memory-mapped ones are
@@ -249,6 +254,9 @@ class Trainer:
         """Feed this rank's contiguous block of the global batch [start, stop) of the permutation."""
         first, last = shard_bounds(stop - start, self.comm.rank, self.comm.size)
         index = permutation[start + first: start + last]
+        # Per-row randomness (Dropout) is keyed by the step and the row's place in the epoch's
+        # order, never by the rank that holds it.
+        self.model.set_batch_position(self.global_step, start + first)
         x, rows = self.x_train, len(index)
         buffers = self.batch_buffers.get(rows)
         if buffers is None:
@@ -477,4 +485,7 @@ class Trainer:
         return f"stopped by {name} at step {self.global_step} (epoch {self.epoch + 1}); {saved}"
 
     def parameters(self):
-        return {name: np.array(value) for name, value in self.flat.as_dict().items()}
+        """Copies of the parameters and of the model's state (BatchNorm's running statistics)."""
+        arrays = {name: np.array(value) for name, value in self.flat.as_dict().items()}
+        arrays.update({name: np.array(value) for name, value in self.model.state().items()})
+        return arrays

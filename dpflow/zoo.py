@@ -104,4 +104,5 @@ def cnn(input_shape, n_classes, rng, dtype, channels=(32, 64), kernel=3, dense=1
     return Model(data, labels, layer, loss, params)
 
 
+cnn.input_layout = "images"  # (C, H, W) examples; flat rows of a square image work too
 BUILDERS = {"mlp": mlp, "cnn": cnn}
