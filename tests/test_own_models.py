@@ -97,10 +97,10 @@ def test_checkpoint_rebuilds_the_model_for_eval_predict_and_load_model(dpflow, t
     assert matrix.sum() == 360 and abs(np.trace(matrix) / 360 - accuracy) < 1e-4
 
     from dpflow import load_model
-    from dpflow.data import load_digits
+    from dpflow.data import load_dataset
     from dpflow.predict import predict
 
-    x = load_digits().x_test[:20]
+    x = load_dataset("digits", layout="images").x_test[:20]  # raw pixels, as the cnn takes them
     np.save(tmp_path / "x.npy", x)
     model = load_model(str(checkpoint))
     assert model.params["conv0.W"].value.shape == (3, 3, 1, 8)
