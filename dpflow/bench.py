@@ -13,10 +13,10 @@ import time
 import numpy as np
 
 from . import _threads
-from .config import TrainConfig, UsageError, parse_hidden
-from .modelspec import input_layout, parse_model_args, resolve_builder
+from .config import add_setting_arguments, build_config, given_settings
 from .data import Dataset
-from .optim import OPTIMIZERS
+from .errors import UsageError
+from .modelspec import input_layout, resolve_builder
 from .trainer import Trainer
 
 
@@ -35,33 +35,28 @@ def positive_list(text, option, kind):
     return values
 
 
+# The training settings bench takes, with its own defaults: the model and batch of BENCHMARKS.md.
+BENCH_SETTINGS = ("model", "model_args", "features", "hidden", "classes", "batch_size", "dtype", "optimizer",
+                  "noise_scale", "reducer", "bucket_mb", "trace")
+BENCH_DEFAULTS = {"features": 784, "hidden": [512, 256], "classes": 10, "batch_size": 256, "optimizer": "sgd"}
+BENCH_HELP = {"features": "input features of an mlp", "classes": "classes",
+              "model": "mlp, cnn, or path/to/file.py:function (as for train)",
+              "noise_scale": "measure the gradient noise scale as `dpflow train` does",
+              "trace": "write the timed steps' timeline to this file (Chrome trace JSON: ui.perfetto.dev)"}
+# No cross-rank checks and no watchdog inside the timed steps; the lr does not matter here.
+BENCH_FIXED = {"dataset": "bench", "lr": 1e-3, "consistency_every": 0, "stall_timeout": 0}
+
+
 def add_bench_arguments(parser):
-    parser.add_argument("--model", default="mlp",
-                        help="mlp (default), cnn, or path/to/file.py:function (as for train)")
-    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", dest="model_arg",
-                        help="a keyword argument of the model's builder, repeatable")
-    parser.add_argument("--features", type=int, default=784, help="input features (default %(default)s)")
+    add_setting_arguments(parser, BENCH_SETTINGS, BENCH_DEFAULTS, BENCH_HELP)
     parser.add_argument("--input-shape", metavar="C,H,W",
                         help="one example's shape (default: --features values, or 1,28,28 for a "
                              "model that takes images)")
-    parser.add_argument("--hidden", default="512,256", help="mlp hidden sizes (default %(default)s)")
-    parser.add_argument("--classes", type=int, default=10, help="classes (default %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=256, help="GLOBAL batch (default %(default)s)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps (default %(default)s)")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (default %(default)s)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd")
-    parser.add_argument("--noise-scale", choices=("auto", "on", "off"), default="auto",
-                        help="measure the gradient noise scale as `dpflow train` does (default %(default)s)")
-    parser.add_argument("--reducer", choices=("flat", "naive"), default="flat",
-                        help="flat: one fused allreduce; naive: one per parameter")
-    parser.add_argument("--bucket-mb", type=float, default=0.0,
-                        help="overlap: allreduce buckets of this many MB during backward; 0 off")
     parser.add_argument("--no-sync", action="store_true",
                         help="skip the gradient allreduce: the compute-only ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--trace", metavar="PATH",
-                        help="write the timed steps' timeline to PATH (Chrome trace JSON: ui.perfetto.dev)")
     parser.add_argument("--predict", action="store_true",
                         help="measure allreduce latency and bandwidth here, fit the ring / recursive-"
                              "doubling cost model, and predict step time at 8 to 1,024 nodes")
@@ -74,12 +69,17 @@ def add_bench_arguments(parser):
                              "microseconds (default: the value measured here, at least 25)")
 
 
+def bench_config(args, **changes):
+    """The training settings of this bench run: bench's defaults, then its flags, then `changes`."""
+    return build_config({**BENCH_DEFAULTS, **BENCH_FIXED}, {**given_settings(args, BENCH_SETTINGS), **changes})
+
+
 def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
 
 
 def time_raw_allreduce(comm, n_values, dtype, repeats):
-    """Seconds per in-place Allreduce of `n_values` elements, the best of `repeats`. Collective."""
+    """Seconds per in-place Allreduce of `n_values` elements, the median of `repeats`. Collective."""
     buffer = np.ones(n_values, dtype)
     times = []
     for _ in range(repeats):
@@ -170,27 +170,21 @@ def tracer_seconds_per_span(samples=20000):
     return (time.perf_counter() - started) / samples
 
 
-def bench_trainer(args, comm):
-    """A Trainer on random data of exactly one global batch: every step is the real
-    `train_step` of `dpflow train`, on the same rows."""
+def bench_trainer(config, comm, shape, sync=True):
+    """A Trainer on random data of exactly one global batch of examples of `shape`: every
+    step is the real `train_step` of `dpflow train`, on the same rows."""
     rng = np.random.default_rng(1234)
-    shape = example_shape(args)
-    x = rng.standard_normal((args.batch_size, *shape), dtype=np.float32).astype(args.dtype)
-    y = rng.integers(0, args.classes, args.batch_size)
-    data = Dataset("bench", x, y, x[:1], y[:1], args.classes)
-    config = TrainConfig(dataset="bench", hidden=parse_hidden(args.hidden), batch_size=args.batch_size,
-                         optimizer=args.optimizer, lr=1e-3, dtype=args.dtype, reducer=args.reducer,
-                         bucket_mb=args.bucket_mb, noise_scale=args.noise_scale, consistency_every=0,
-                         stall_timeout=0, model=args.model,
-                         model_args=parse_model_args(getattr(args, "model_arg", None)))
+    x = rng.standard_normal((config.batch_size, *shape), dtype=np.float32).astype(config.dtype)
+    y = rng.integers(0, config.classes, config.batch_size)
+    data = Dataset("bench", x, y, x[:1], y[:1], config.classes)
     trainer = Trainer(config, comm, data)
-    trainer.sync = not args.no_sync
+    trainer.sync = sync
     return trainer
 
 
-def example_shape(args):
-    """--input-shape, else 1x28x28 for a model that takes images, else --features."""
-    if getattr(args, "input_shape", None):
+def example_shape(args, config):
+    """--input-shape, else 1x28x28 for a model that takes images, else `features`."""
+    if args.input_shape:
         try:
             shape = tuple(int(part) for part in args.input_shape.replace("x", ",").split(","))
         except ValueError:
@@ -198,9 +192,9 @@ def example_shape(args):
         if not shape or min(shape) < 1:
             raise UsageError(f"--input-shape sizes must be >= 1, got {args.input_shape!r}")
         return shape
-    if input_layout(resolve_builder(getattr(args, "model", "mlp"))) == "images":
+    if input_layout(resolve_builder(config.model)) == "images":
         return (1, 28, 28)
-    return (args.features,)
+    return (config.features,)
 
 
 def current_rss_mb():
@@ -209,24 +203,23 @@ def current_rss_mb():
 
 
 def run_bench(args, comm):
-    for name in ("features", "classes", "batch_size", "steps"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.bucket_mb < 0:
-        raise UsageError("--warmup and --bucket-mb must be >= 0")
-    if args.batch_size < comm.size:
-        raise UsageError(f"--batch-size {args.batch_size} must be >= the number of ranks ({comm.size})")
+    if args.steps < 1 or args.warmup < 0:
+        raise UsageError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    config = bench_config(args)
+    if config.batch_size < comm.size:
+        raise UsageError(f"--batch-size {config.batch_size} must be >= the number of ranks ({comm.size})")
+    shape = example_shape(args, config)
     if args.predict:
-        return run_predict(args, comm)
+        return run_predict(args, config, shape, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
-    trainer = bench_trainer(args, comm)
+    trainer = bench_trainer(config, comm, shape, sync=not args.no_sync)
     dtype, flat = trainer.dtype, trainer.flat
-    permutation = np.arange(args.batch_size)
-    batch = [(0, args.batch_size)]
+    permutation = np.arange(config.batch_size)
+    batch = [(0, config.batch_size)]
     step_times = np.zeros(args.steps)
     rss_after_warmup = 0.0
     tracer = None
-    if args.trace:
+    if config.trace:
         from .trace import Tracer
 
         tracer = Tracer(comm.rank)
@@ -263,19 +256,19 @@ def run_bench(args, comm):
      rss_warm, rss, rss_growth) = slowest
     spans_per_step = len(tracer.spans) / args.steps if tracer else 0.0
     if tracer:
-        tracer.gather_and_write(comm, args.trace)
+        tracer.gather_and_write(comm, config.trace)
     grad_bytes = flat.param_grads.nbytes
     result = {
         "world_size": comm.size,
-        "batch_size": args.batch_size,
-        "rows_per_rank_max": -(-args.batch_size // comm.size),
+        "batch_size": config.batch_size,
+        "rows_per_rank_max": -(-config.batch_size // comm.size),
         "dtype": dtype.name,
         "model": model_name(trainer),
         "gemm_ms_by_layer": {kind: 1e3 * seconds for kind, seconds in gemms_by_layer.items()},
-        "reducer": "none" if args.no_sync else args.reducer,
-        "bucket_mb": args.bucket_mb,
+        "reducer": "none" if args.no_sync else config.reducer,
+        "bucket_mb": config.bucket_mb,
         "buckets": len(trainer.parallel.buckets) if trainer.overlap else 0,
-        "samples_per_sec": args.batch_size / step_s,
+        "samples_per_sec": config.batch_size / step_s,
         "step_ms": 1e3 * step_s,
         "forward_ms": 1e3 * forward_s,
         "backward_ms": 1e3 * backward_s,
@@ -287,7 +280,7 @@ def run_bench(args, comm):
         "gemm_forward_ms": 1e3 * gemm_forward_s,
         "gemm_backward_ms": 1e3 * gemm_backward_s,
         "blas_threads": _threads.blas_threads_in_use(),
-        "trace": args.trace,
+        "trace": config.trace,
         "trace_spans_per_step": spans_per_step,
         "trace_cost_ms_per_step": 1e3 * spans_per_step * tracer_seconds_per_span() if tracer else 0.0,
         "gradient_bytes": grad_bytes,
@@ -356,12 +349,11 @@ def measure_allreduce_curve(comm, dtype, repeats=30):
     return curve
 
 
-def compute_seconds(args, comm, hidden):
+def compute_seconds(config, comm, shape):
     """Forward + backward + update at this run's per-rank batch, without any allreduce: what one
     node spends per step when its ranks run side by side, as they do here. Collective."""
-    bench_args = argparse_namespace(args, hidden=hidden, no_sync=True, bucket_mb=0.0)
-    trainer = bench_trainer(bench_args, comm)
-    permutation, batch = np.arange(args.batch_size), [(0, args.batch_size)]
+    trainer = bench_trainer(config, comm, shape, sync=False)
+    permutation, batch = np.arange(config.batch_size), [(0, config.batch_size)]
     for _ in range(5):
         trainer.train_step(permutation, batch)
     comm.barrier()
@@ -374,15 +366,7 @@ def compute_seconds(args, comm, hidden):
     return float(elapsed[0]), trainer.flat.param_grads.nbytes
 
 
-def argparse_namespace(args, **changes):
-    import argparse
-
-    values = dict(vars(args))
-    values.update(changes)
-    return argparse.Namespace(**values)
-
-
-def run_predict(args, comm):
+def run_predict(args, config, shape, comm):
     from . import costmodel
 
     if comm.size < 2:
@@ -393,12 +377,15 @@ def run_predict(args, comm):
     alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
     network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
                      else max(alpha, 25e-6))
-    sizes = parse_hidden(args.hidden)
-    models = {"MLP " + "-".join(map(str, [args.features, *sizes, args.classes])): sizes,
-              "10x larger": [int(round(h * 5)) for h in sizes]}
+    # The model asked for, and for an mlp one with hidden layers 5x as wide (about 10x the
+    # parameters for the default 784-512-256-10; each label gives the real sizes).
+    configs = [bench_config(args, bucket_mb=0.0)]
+    if config.model == "mlp":
+        configs.append(bench_config(args, hidden=[5 * h for h in config.hidden], bucket_mb=0.0))
     rows = []
-    for label, hidden in models.items():
-        seconds, grad_bytes = compute_seconds(args, comm, ",".join(map(str, hidden)))
+    for each in configs:
+        label = "MLP " + "-".join(map(str, [*shape, *each.hidden, each.classes])) if each.model == "mlp" else each.model
+        seconds, grad_bytes = compute_seconds(each, comm, shape)
         for gbps in networks:
             net_beta = costmodel.line_rate_beta(gbps)
             crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta)
@@ -409,7 +396,7 @@ def run_predict(args, comm):
     if comm.is_root:
         report = {"measured": {"world_size": comm.size, "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
                                "curve": curve},
-                  "network_alpha_us": network_alpha * 1e6, "per_node_batch": args.batch_size,
+                  "network_alpha_us": network_alpha * 1e6, "per_node_batch": config.batch_size,
                   "predictions": rows}
         if args.json:
             print(json.dumps(report))

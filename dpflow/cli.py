@@ -23,13 +23,16 @@ from .agreement import agree, check_same_model, check_same_run
 from .checkpoint import (
     atomic_write, check_checkpoint_dir, load_checkpoint, load_checkpoint_source, save_parameters,
 )
-from .config import FIELDS, CHOICES, TrainConfig, build_config, coerce, config_dict, flag, load_toml
+from .config import (
+    FIELDS, TrainConfig, add_setting_arguments, build_config, config_dict, flag, given_settings, load_toml,
+    spell_flag,
+)
 from .data import load_dataset
 from .errors import DataError, DpflowError, TrainingError, UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import launcher_rank
-from .modelspec import build_model, builder_arguments, parse_model_args
+from .modelspec import build_model, builder_arguments
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,104 +48,17 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # --- train --------------------------------------------------------------------------------
 
-TRAIN_HELP = {
-    "dataset": "digits (default, bundled), spirals, synthetic, fashion-mnist or mnist (found in "
-               "$DPFLOW_DATA/NAME or where Debian's dataset packages put them), a .npz with "
-               "x_train/y_train/x_test/y_test, or a directory of .npy or MNIST IDX files",
-    "samples": "rows of the spirals/synthetic dataset (default %(default)s)",
-    "features": "features of the synthetic dataset (default %(default)s)",
-    "classes": "class count: spirals/synthetic make this many (default 4); for other data 0 "
-               "(default) counts max label + 1, more allows classes absent from the labels",
-    "normalize": "auto (default): scale images to [0, 1], leave rows of features; scale: divide by "
-                 "the largest |x|; standardize: training-set mean and std per channel (images) or "
-                 "per feature; none",
-    "validation_split": "fraction of the training rows held out for validation, the same rows on "
-                        "every rank (from --seed); 0 off (default %(default)s)",
-    "model": "mlp (default), cnn, or a builder of your own: path/to/file.py:function or "
-             "package.module:function, called as function(input_shape, n_classes, rng, dtype, **args)",
-    "hidden": "mlp: hidden layer sizes, comma-separated (default 128,64); '' for none",
-    "activation": "mlp: hidden activation (default %(default)s)",
-    "epochs": "passes over the training set (default %(default)s)",
-    "batch_size": "GLOBAL batch, split across ranks (default %(default)s)",
-    "lr": "learning rate before scaling (default %(default)s)",
-    "optimizer": "update rule (default %(default)s)",
-    "momentum": "momentum coefficient for --optimizer momentum (default %(default)s)",
-    "weight_decay": "L2 penalty added to the gradient (default %(default)s)",
-    "lr_scaling": "linear: lr x global batch x accumulate / --base-batch-size (Goyal et al.); "
-                  "sqrt: x the square root of that ratio (LAMB's rule)",
-    "base_batch_size": "the batch the lr was tuned for, with --lr-scaling linear (default %(default)s)",
-    "warmup_epochs": "epochs of linear lr warmup, fractional allowed (default %(default)s)",
-    "lr_schedule": "after warmup: constant, cosine or poly decay to --min-lr at the last epoch, "
-                   "or step: x --lr-decay-factor at each of --lr-decay-epochs (default %(default)s)",
-    "lr_decay_epochs": "epochs where --lr-schedule step multiplies the lr by --lr-decay-factor, e.g. 30,60",
-    "lr_decay_factor": "the step schedule's factor, in (0, 1] (default %(default)s)",
-    "lr_power": "the poly schedule's power: lr x (1 - progress)^power (default %(default)s)",
-    "min_lr": "the lr every decay ends at or stays above (default %(default)s)",
-    "trust_coefficient": "lars/lamb: eta in eta x ||w|| / ||update|| (default 0.001 for lars, 1 for lamb)",
-    "exclude_from_adaptation": "lars/lamb: comma-separated name patterns of the parameters that keep "
-                               "plain steps and no weight decay (default %(default)s)",
-    "noise_scale": "measure the gradient noise scale per epoch (metrics key noise_scale); auto: "
-                   "when there are >= 2 ranks or micro-batches and no --bucket-mb (default %(default)s)",
-    "accumulate": "micro-batches summed before each allreduce and update (default %(default)s)",
-    "dtype": "parameter and activation dtype (default %(default)s)",
-    "seed": "initialisation and shuffling seed (default %(default)s)",
-    "checkpoint_dir": "directory for checkpoints (none by default)",
-    "checkpoint_every": "epochs between checkpoints (default %(default)s)",
-    "checkpoint_every_steps": "also a checkpoint every N steps; 0 off (default %(default)s)",
-    "checkpoint_every_seconds": "also a checkpoint when this many seconds passed since the last one "
-                                "(a preempted run loses at most this much); 0 off (default %(default)s)",
-    "keep_checkpoints": "checkpoints kept in the directory (default %(default)s)",
-    "keep_best": "also keep DIR/best.dpf, the epoch best by this metric, never pruned (off by default)",
-    "early_stop": "stop every rank after this many epochs without improvement of --keep-best's "
-                  "metric (val_loss without it); 0 off (default %(default)s)",
-    "resume": "continue from the newest valid checkpoint in --checkpoint-dir",
-    "metrics": "write JSON lines of metrics to this file",
-    "log_every": "also log a metrics record every N steps (default: per epoch only)",
-    "save": "write the final parameters to this .npz (one array per parameter name)",
-    "trace": "write a timeline of every rank's phases to this JSON file (Chrome trace format: "
-             "open it in ui.perfetto.dev or chrome://tracing)",
-    "quiet": "print nothing but warnings and errors",
-    "progress": "bar (tqdm), plain lines, or auto: a bar on a terminal (default %(default)s)",
-    "consistency_every": "steps between checks that all ranks hold identical parameters; 0 off "
-                         "(default %(default)s)",
-    "stall_timeout": "abort the job when no step finishes for this many seconds (a dead rank, "
-                     "a cut link); 0 off (default %(default)s)",
-    "on_nonfinite": "on a NaN/inf loss or gradient: stop with an error, or skip the step "
-                    "(default %(default)s)",
-    "reducer": "flat: one fused allreduce of all gradients; naive: one per parameter "
-               "(default %(default)s)",
-    "bucket_mb": "overlap communication with backward: allreduce buckets of this many MB as "
-                 "soon as backward finishes them; 0 waits for the whole backward (default %(default)s)",
-}
-
-
 def add_train_arguments(parser):
     parser.add_argument("--config", metavar="FILE.toml",
                         help="TOML file with the same keys as these flags; flags override it")
-    parser.add_argument("--model-arg", action="append", metavar="KEY=VALUE", dest="model_arg",
-                        help="a keyword argument of the model's builder, repeatable (--model-arg "
-                             "dropout=0.25 --model-arg channels=[16,32]); a [model] table in --config")
-    for name, help_text in TRAIN_HELP.items():
-        default = FIELDS[name].default
-        if isinstance(default, bool):
-            parser.add_argument(flag(name), action="store_const", const=True, default=None, help=help_text)
-            continue
-        if default is None or not isinstance(default, (int, float, str)):
-            shown = None
-        else:
-            shown = default
-        choices = tuple(choice for choice in CHOICES.get(name, ()) if choice) or None  # "" is "off"
-        metavar = None if choices else name.upper()  # choices show as {a,b,c}
-        parser.add_argument(flag(name), default=None, metavar=metavar, choices=choices,
-                            help=help_text % {"default": shown} if "%(default)s" in help_text else help_text)
+    add_setting_arguments(parser)
 
 
 def train_config(args):
     file_values = load_toml(args.config) if args.config else {}
-    flag_values = {name: coerce(name, getattr(args, name)) for name in TRAIN_HELP
-                   if getattr(args, name) is not None}
-    if args.model_arg:  # each KEY=VALUE overrides that key of the file's [model] table
-        flag_values["model_args"] = {**file_values.get("model_args", {}), **parse_model_args(args.model_arg)}
+    flag_values = given_settings(args)
+    if "model_args" in flag_values:  # each KEY=VALUE overrides that key of the file's [model] table
+        flag_values["model_args"] = {**file_values.get("model_args", {}), **flag_values["model_args"]}
     return build_config(file_values, flag_values)
 
 
@@ -154,27 +70,22 @@ def save_array(path, array):
 
 
 def check_output_path(name, path):
-    """--metrics and --save name files that can be written, checked before any training."""
+    """`metrics`, `save` and `trace` name files that can be written, checked before any training."""
     if os.path.isdir(path):
-        raise UsageError(f"{flag(name)} {path} is a directory; give a file path, e.g. {os.path.join(path, 'run.npz' if name == 'save' else 'metrics.jsonl')}")
+        raise UsageError(f"`{name}` {path} is a directory; give a file path, e.g. {os.path.join(path, 'run.npz' if name == 'save' else 'metrics.jsonl')}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag(name)} {path}: the directory {parent} does not exist or is not "
+        raise UsageError(f"`{name}` {path}: the directory {parent} does not exist or is not "
                          "writable; create it or choose another path")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise UsageError(f"{flag(name)} {path} exists and is not a regular file; give a file path")
+        raise UsageError(f"`{name}` {path} exists and is not a regular file; give a file path")
     limit = os.pathconf(parent, "PC_NAME_MAX")
     if len(os.fsencode(os.path.basename(path))) > limit:
-        raise UsageError(f"{flag(name)}: the file name {os.path.basename(path)[:40]}... is longer than "
+        raise UsageError(f"`{name}`: the file name {os.path.basename(path)[:40]}... is longer than "
                          f"the {limit} bytes this filesystem allows")
 
 
 CHECKPOINT_BEHIND = 3  # trained to the end, but the last checkpoint writes failed
-
-
-def spell_setting(name):
-    """A setting's name as the command line spells it (`batch_size` -> --batch-size)."""
-    return flag(name) if name in FIELDS else None
 
 
 def load_data(comm, config, normalizer_state=None, layout="rows"):
@@ -212,10 +123,10 @@ def read_dataset(config, comm, layout="rows"):
     except DataError:
         raise
     except MemoryError:
-        raise DataError(f"--dataset {config.dataset} does not fit in this machine's memory; use a "
-                        "smaller one (or smaller --samples/--features)") from None
+        raise DataError(f"`dataset` {config.dataset} does not fit in this machine's memory; use a "
+                        "smaller one (or smaller `samples`/`features`)") from None
     except UNREADABLE as error:
-        raise DataError(f"--dataset {config.dataset} cannot be used: {type(error).__name__}: {error}") from None
+        raise DataError(f"`dataset` {config.dataset} cannot be used: {type(error).__name__}: {error}") from None
 
 
 def start_trace(comm, path):
@@ -358,7 +269,7 @@ def train(config, comm, safety, data=None, model=None):
             from .checkpoint import free_space
 
             where = os.path.dirname(os.path.abspath(config.save))
-            save_error = (f"the final parameters could not be written to --save {config.save} "
+            save_error = (f"the final parameters could not be written to `save` {config.save} "
                           f"({error.strerror}; {free_space(where)})"
                           + (f"; the last checkpoint is {trainer.last_checkpoint}" if trainer.last_checkpoint else ""))
     save_error = comm.broadcast_object(save_error)
@@ -543,4 +454,4 @@ def main(argv=None):
     except SystemExit:
         raise
     except BaseException as error:  # noqa: BLE001 - every other failure must end the whole job
-        return end_command(comm, error, spell_setting)
+        return end_command(comm, error, spell_flag)

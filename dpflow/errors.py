@@ -12,6 +12,12 @@ any other exception on one rank ends the whole job (see `failure`).
 import re
 
 
+def spell_settings(text, spell):
+    """`text` with each `name` in backquotes spelled by `spell(name)` (e.g. as a flag); a
+    name `spell` does not know (None) stays as it is."""
+    return re.sub(r"`([A-Za-z_]\w*)`", lambda match: spell(match.group(1)) or match.group(0), text)
+
+
 class DpflowError(Exception):
     """Base class: a failure dpflow expected and can explain."""
 
@@ -20,9 +26,8 @@ class DpflowError(Exception):
     prefix = "error: "  # how the command line introduces the message
 
     def render(self, spell):
-        """The message with each `name` in backquotes spelled by `spell(name)` (e.g. as a
-        flag); a name `spell` does not know (None) stays as it is."""
-        return re.sub(r"`([A-Za-z_]\w*)`", lambda match: spell(match.group(1)) or match.group(0), str(self))
+        """The message with each setting named by `spell` (see `spell_settings`)."""
+        return spell_settings(str(self), spell)
 
 
 class UsageError(DpflowError, ValueError):

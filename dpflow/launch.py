@@ -706,9 +706,9 @@ def main(argv=None):
     try:
         return run_launch(parser.parse_args(argv))
     except UsageError as error:
-        from .cli import spell_setting
+        from .config import spell_flag
 
-        print(f"dpflow launch: error: {error.render(spell_setting)}", file=sys.stderr)
+        print(f"dpflow launch: error: {error.render(spell_flag)}", file=sys.stderr)
         return BAD_INPUT
 
 

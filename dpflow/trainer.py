@@ -49,6 +49,10 @@ EXTRA_SLOTS = 5
 NOISE_ROWS = 256
 
 
+# The metrics `keep_best` and `early_stop` may watch: what each epoch's record holds.
+BEST_METRICS = ("val_accuracy", "val_loss", "test_accuracy", "test_loss")
+
+
 def best_epoch(history, metric):
     """The index of the best record by `metric` (highest accuracy, lowest loss; the earliest
     of ties), or None if no record has a finite value of it."""

@@ -19,6 +19,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cluster import proc_stat  # noqa: E402 - scripts/cluster.py: the one /proc/PID/stat reader
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- begin data-memory -->", "<!-- end data-memory -->"
 MAPPING = re.compile(r"^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$")
@@ -57,12 +60,9 @@ def rank_pids(root_pid):
     children = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    parent = int(handle.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                continue
+            fields = proc_stat(entry)
+            if fields:  # field 4, the parent's pid
+                children.setdefault(int(fields[1]), []).append(int(entry))
     ranks, todo = {}, [root_pid]
     while todo:
         pid = todo.pop()

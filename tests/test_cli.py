@@ -146,17 +146,6 @@ def test_plot_writes_a_png(dpflow, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
-def test_help_lists_every_option_once_under_mpiexec(dpflow):
-    result = dpflow("train", "--help", ranks=2)
-    assert result.returncode == 0
-    for option in ("--dataset", "--hidden", "--activation", "--epochs", "--batch-size", "--lr", "--optimizer",
-                   "--momentum", "--weight-decay", "--lr-scaling", "--base-batch-size", "--warmup-epochs",
-                   "--accumulate", "--dtype", "--seed", "--checkpoint-dir", "--checkpoint-every", "--resume",
-                   "--metrics", "--log-every", "--save", "--quiet", "--config", "--on-nonfinite", "--stall-timeout"):
-        assert option in result.stdout, option
-    assert result.stdout.count("usage: dpflow train") == 1
-
-
 def test_python_m_dpflow_and_version(tmp_path):
     from conftest import run
     import sys

@@ -155,7 +155,7 @@ BAD_INPUTS = [
     (["--dataset", "missing.npz"], "'missing.npz' is neither a built-in dataset"),
     (["--config", "nope.toml"], "--config nope.toml: no such file"),
     (["--normalize", "zscore"], "invalid choice: 'zscore'"),
-    (["--validation-split", "1"], "--validation-split is the fraction of training rows held out, in [0, 1)"),
+    (["--validation-split", "1"], "--validation-split must be < 1, got 1.0 (the fraction of training rows held out, in [0, 1)"),
     (["--validation-split", "-0.2"], "--validation-split must be >= 0, got -0.2"),
     (["--keep-best", "val_accuracy", "--checkpoint-dir", "ck"], "--keep-best val_accuracy needs validation rows"),
     (["--keep-best", "test_loss"], "--keep-best test_loss needs --checkpoint-dir DIR"),

@@ -136,14 +136,11 @@ def gather_variants(rows, rng):
 
 def framework_overhead():
     """A whole dpflow step of a 4-4-4-3 model on 2 rows: what the graph's Python costs."""
-    import argparse
-
-    from dpflow.bench import bench_trainer
+    from dpflow.bench import bench_config, bench_trainer
     from dpflow.comm import LocalCommunicator
 
-    args = argparse.Namespace(batch_size=2, features=4, classes=3, hidden="4,4", dtype="float32",
-                              optimizer="sgd", reducer="flat", bucket_mb=0.0, no_sync=False)
-    trainer = bench_trainer(args, LocalCommunicator())
+    config = bench_config(argparse.Namespace(), batch_size=2, features=4, classes=3, hidden=[4, 4])
+    trainer = bench_trainer(config, LocalCommunicator(), (4,))
     permutation, batch = np.arange(2), [(0, 2)]
     return [("per-step Python work", "a whole dpflow step of a 4-4-4-3 model on 2 rows (dpflow)",
              median_us(lambda: trainer.train_step(permutation, batch), repeats=2000, warmup=200))]
