@@ -3,7 +3,7 @@
     model = build(input_shape=(64,), n_classes=10, rng=np.random.default_rng(0), dtype=np.float32)
     history = dpflow.fit(model, "digits", epochs=5, checkpoint_dir="ckpt")
 
-The settings are `dpflow train`'s, by their Python names (`batch_size=64`, `lr=0.05`, ...),
+The settings are `dpflow train`'s, by their Python names (`batch_size=64`, `lr=0.02`, ...),
 and so are the safety nets: an exception on one rank ends every rank at once, the watchdog
 ends a job whose steps stopped, SIGINT/SIGTERM stop every rank at the same step with a
 checkpoint, and the model is checked against the data and across ranks before training.

@@ -140,13 +140,14 @@ class TrainConfig:
         {}, "a keyword argument of the model's builder, e.g. dropout=0.25 or channels=[16,32]; "
         "repeatable; a [model] table in the config file",
         parse=parse_model_args, metavar="KEY=VALUE")
-    hidden: list = option(  # reaches >= 97% on digits
-        [128, 64], "mlp: hidden layer sizes, comma-separated; '' for none", parse=parse_hidden)
+    hidden: list = option(  # >= 97% on digits, >= 88% on Fashion-MNIST with the lr below
+        [256, 128], "mlp: hidden layer sizes, comma-separated; '' for none", parse=parse_hidden)
     activation: str = option("relu", "mlp: hidden activation", choices=activations)
     # Optimisation
     epochs: int = option(20, "passes over the training set", above=0)
     batch_size: int = option(64, "GLOBAL batch, split across ranks", above=0)
-    lr: float = option(0.05, "learning rate before scaling", above=0)
+    lr: float = option(  # with momentum 0.9: 0.05 ends Fashion-MNIST's 20 epochs 0.5-1 point lower
+        0.02, "learning rate before scaling", above=0)
     optimizer: str = option(  # plain SGD needs several times more epochs on digits
         "momentum", "update rule", choices=lambda: OPTIMIZERS)
     momentum: float = option(0.9, "momentum coefficient (`optimizer` momentum or lars)", at_least=0, below=1,

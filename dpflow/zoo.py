@@ -32,7 +32,7 @@ def as_ints(value, what):
         raise GraphError(f"{what} must be integers such as 32,64; got {value!r}") from None
 
 
-def mlp(input_shape, n_classes, rng, dtype, hidden=(128, 64), activation="relu"):
+def mlp(input_shape, n_classes, rng, dtype, hidden=(256, 128), activation="relu"):
     """Linear -> activation per hidden size -> Linear -> softmax cross-entropy; images are
     flattened first. Today's `dpflow train` model, parameter for parameter."""
     n_inputs = math.prod(input_shape)
