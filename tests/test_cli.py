@@ -107,9 +107,9 @@ def test_each_dataset_kind_trains(dpflow, tmp_path, kind):
         write_idx_dataset(tmp_path / "mnist", rng)
         args, shape = ["--dataset", tmp_path / "mnist"], "MLP 9-"
     elif kind == "synthetic":
-        args, shape = ["--dataset", "synthetic", "--samples", "500", "--features", "7", "--classes", "5"], "MLP 7-128-64-5"
+        args, shape = ["--dataset", "synthetic", "--samples", "500", "--features", "7", "--classes", "5"], "MLP 7-256-128-5"
     else:
-        args, shape = ["--dataset", "spirals", "--samples", "300", "--classes", "3"], "MLP 2-128-64-3"
+        args, shape = ["--dataset", "spirals", "--samples", "300", "--classes", "3"], "MLP 2-256-128-3"
     result = dpflow("train", *args, "--epochs", "2", ranks=2)
     assert result.returncode == 0, result
     assert shape in result.stdout and "done: test accuracy" in result.stdout

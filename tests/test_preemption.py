@@ -25,7 +25,8 @@ from dpflow.signals import IMPATIENT_SECONDS, StopRequest
 
 INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 HOLD_STEP = 30
-COMMON = ["train", "--epochs", "3", "--dtype", "float64", "--batch-size", "32", "--quiet"]
+# A small model: three of its checkpoints (two kept, one being written) fit the 2 MB disk below.
+COMMON = ["train", "--epochs", "3", "--dtype", "float64", "--batch-size", "32", "--hidden", "128,64", "--quiet"]
 
 
 # --- one stop request, however many signals ------------------------------------------------
