@@ -43,16 +43,10 @@ RULES = {
 }
 
 
-def default_dataset():
-    """Fashion-MNIST where dpflow looks for it: $DPFLOW_DATA/fashion-mnist or Debian's place."""
-    candidates = [os.path.join(os.environ["DPFLOW_DATA"], "fashion-mnist")] if os.environ.get("DPFLOW_DATA") else []
-    candidates.append("/usr/share/datasets/fashion-mnist")
-    return next((path for path in candidates if os.path.isdir(path)), "fashion-mnist")
-
-
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", default=default_dataset(), help="default: Fashion-MNIST (%(default)s)")
+    parser.add_argument("--dataset", default="fashion-mnist",
+                        help="a name or path as for `dpflow train --dataset` (default %(default)s)")
     parser.add_argument("--epochs", type=int, default=40, help="the budget of every run (default %(default)s)")
     parser.add_argument("--batches", default="64,256,1024,4096,8192,16384", help="global batches")
     parser.add_argument("--rules", default=",".join(RULES), help="rules to run (default %(default)s)")
