@@ -1,7 +1,9 @@
 """Shared test helpers: gradient checking, process launching with hard timeouts."""
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +66,31 @@ def run(args, timeout=120, ranks=None, env=None, cwd=None, **kwargs):
         pytest.fail(f"{' '.join(command)} did not finish within {timeout}s (a hang?)\n"
                     f"stdout: {error.stdout}\nstderr: {error.stderr}")
     return Result(completed, time.monotonic() - started)
+
+
+# Jobs started in the background by `start_job`, for `no_job_outlives_its_test`.
+STARTED = []
+
+
+def start_job(command, **kwargs):
+    """Popen `command` in a session of its own, for a test that watches it while it runs.
+    If the test ends first (it failed half-way), its whole process group is killed."""
+    process = subprocess.Popen(command, start_new_session=True, **kwargs)
+    STARTED.append(process)
+    return process
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test():
+    """A job that a failed test left running would spin its ranks on the cores (MPI waits by
+    polling), or train on from a held step, under the tests that follow and fail them too."""
+    yield
+    while STARTED:
+        process = STARTED.pop()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the ranks too, even if mpiexec has ended
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=30)
 
 
 def dpflow_command():
