@@ -19,7 +19,7 @@ import numpy as np
 
 from ._threads import size_blas_threads
 from .errors import MismatchedMPI
-from .launcher import launched_by_mpi, launcher_size
+from .launcher import launched_by_mpi, launcher_size, shared_memory_warning
 
 
 class Communicator(abc.ABC):
@@ -282,6 +282,9 @@ def create_communicator(kind="auto"):
     if kind == "local":
         return LocalCommunicator()
     if kind == "mpi":
+        warning = shared_memory_warning()
+        if warning:  # before MPI_Init, which is where a full /dev/shm kills the rank
+            print(warning, file=sys.stderr, flush=True)
         try:
             comm = MPICommunicator()
         except (ImportError, RuntimeError) as error:

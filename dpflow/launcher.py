@@ -1,4 +1,5 @@
-"""What MPI launchers tell a process through its environment, read before MPI starts.
+"""What MPI launchers tell a process through its environment, and whether this node's
+/dev/shm has room for MPI: read before MPI starts.
 
 No numpy and no mpi4py here: the CLI reads it before MPI is initialised (to print usage
 errors once, from rank 0).
@@ -41,3 +42,42 @@ def cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+# Ranks on this node, as hydra (MPI_LOCAL*) and Open MPI (OMPI_COMM_WORLD_LOCAL_*) say.
+LOCAL_RANK_VARIABLES = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")
+LOCAL_SIZE_VARIABLES = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE")
+# MPICH maps about 1.06 MB of /dev/shm per rank on the node for the whole job (2.1 MB for
+# 2 ranks, 4.2 MB for 4, measured); the warning starts at twice that, before the failure.
+SHM_BYTES_PER_RANK = 2 * 2**20
+
+
+def shared_memory_warning(path="/dev/shm", environ=os.environ):
+    """A warning when `path` has too little room for this node's ranks, else None.
+
+    MPI_Init maps a file there; on a full tmpfs a rank dies of SIGBUS before dpflow can say
+    a word, and the launcher prints only "BAD TERMINATION". Docker gives a container 64 MB,
+    and every killed job leaves its file behind, so this is where containers run out.
+    Said by the node's first rank only."""
+    if (_first_int(LOCAL_RANK_VARIABLES, environ) or 0) != 0:
+        return None
+    ranks = _first_int(LOCAL_SIZE_VARIABLES, environ) or 1
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None  # no /dev/shm: the MPI library uses something else
+    free = stat.f_bavail * stat.f_frsize
+    if free >= ranks * SHM_BYTES_PER_RANK:
+        return None
+    try:
+        left = [os.path.join(path, name) for name in os.listdir(path) if name.startswith("mpich_shm_")]
+        left_bytes = sum(os.stat(name).st_blocks * 512 for name in left)
+    except OSError:
+        left, left_bytes = [], 0
+    message = (f"dpflow: warning: {path} has {free / 2**20:.1f} MB free and the {ranks} rank(s) on this "
+               f"host need about {ranks * SHM_BYTES_PER_RANK / 2**20:.0f} MB there: MPI may die at start-up "
+               "with a bus error.")
+    if left:
+        message += (f" {len(left)} file(s) of MPICH jobs hold {left_bytes / 2**20:.1f} MB of it ({path}/mpich_shm_*; "
+                    "a killed job leaves its own: remove them when no job runs here).")
+    return message + " In a container, give it more: docker run --shm-size 256m, or shm_size in compose."

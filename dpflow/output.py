@@ -272,6 +272,11 @@ def read_metrics(path):
 
 def plot(metrics, output):
     """Loss and accuracy curves from a --metrics file, as a PNG."""
+    # The file first: what is wrong with it is said whether or not matplotlib is installed.
+    records = read_metrics(metrics)
+    epochs = [r for r in records if r.get("test_loss") is not None]
+    if not epochs:
+        raise UsageError(f"{metrics} has no per-epoch records; train with --metrics PATH first")
     try:
         import matplotlib
 
@@ -280,10 +285,6 @@ def plot(metrics, output):
     except ImportError:
         raise UsageError("dpflow plot needs matplotlib: from the checkout, pip install -e '.[plot]' "
                          "(not `pip install dpflow`: that name belongs to an unrelated project)") from None
-    records = read_metrics(metrics)
-    epochs = [r for r in records if r.get("test_loss") is not None]
-    if not epochs:
-        raise UsageError(f"{metrics} has no per-epoch records; train with --metrics PATH first")
     steps = [r for r in records if r.get("test_loss") is None and r.get("train_loss") is not None]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
     if steps:

@@ -78,3 +78,27 @@ def test_fingerprint_sees_one_flipped_bit():
     b = a.copy()
     b.view(np.uint32)[500] ^= 1
     assert fingerprint(a) == fingerprint(a.copy()) != fingerprint(b)
+
+
+def test_a_nearly_full_dev_shm_is_named_before_mpi_starts(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from dpflow import launcher
+
+    (tmp_path / "mpich_shm_1a2b3c4d_0").write_bytes(b"\1" * 2**20)  # what a killed job left
+    (tmp_path / "other").write_bytes(b"\0" * 8192)
+    free = {"bytes": 3 * 2**20}
+    monkeypatch.setattr(launcher.os, "statvfs", lambda path: SimpleNamespace(f_bavail=free["bytes"] // 4096,
+                                                                             f_frsize=4096))
+    node = {"MPI_LOCALRANKID": "0", "MPI_LOCALNRANKS": "4"}
+    warning = launcher.shared_memory_warning(str(tmp_path), node)
+    assert warning.startswith(f"dpflow: warning: {tmp_path} has 3.0 MB free and the 4 rank(s) on this host need about 8 MB")
+    assert "1 file(s) of MPICH jobs hold 1.0 MB" in warning and "--shm-size" in warning, warning
+    assert launcher.shared_memory_warning(str(tmp_path), {**node, "MPI_LOCALRANKID": "1"}) is None  # said once
+    open_mpi = {"OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}
+    assert "the 2 rank(s) on this host need about 4 MB" in launcher.shared_memory_warning(str(tmp_path), open_mpi)
+    assert launcher.shared_memory_warning(str(tmp_path), {}) is None  # one rank: 3 MB is enough
+    (tmp_path / "mpich_shm_1a2b3c4d_0").unlink()
+    assert "file(s)" not in launcher.shared_memory_warning(str(tmp_path), node)
+    free["bytes"] = 8 * 2**20
+    assert launcher.shared_memory_warning(str(tmp_path), node) is None

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, dpflow_command, mpiexec, run
+from conftest import ROOT, dpflow_command, mpiexec, run, start_job
 from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
 
 INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
@@ -66,8 +66,8 @@ def start_training(tmp_path, *args, ranks=4, flavor="mpich"):
     launcher, dpflow, _ = launch_prefix(flavor, ranks)
     metrics = tmp_path / "m.jsonl"
     command = [*launcher, *dpflow, "train", "--metrics", str(metrics), "--log-every", "1", *map(str, args)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, env={**os.environ, **OPENMPI_ENV})
+    process = start_job(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                        env={**os.environ, **OPENMPI_ENV})
     return process, metrics
 
 

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, dpflow_command, mpiexec, run
+from conftest import ROOT, dpflow_command, mpiexec, run, start_job
 from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
 from dpflow.signals import IMPATIENT_SECONDS, StopRequest
 
@@ -111,8 +111,8 @@ class Job:
         self.directory = str(directory or tmp_path / "ck")
         command = [mpiexec(), "-n", "4", sys.executable, INJECT, "0", str(HOLD_STEP), "hold", *COMMON,
                    "--checkpoint-dir", self.directory, *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        start_new_session=True, env=dict(os.environ, DPFLOW_HOLD_DIR=str(self.hold)))
+        self.process = start_job(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, DPFLOW_HOLD_DIR=str(self.hold)))
         self.pid = self.process.pid
         self.err = ""
         self.reader = threading.Thread(target=self.read, daemon=True)
