@@ -1,74 +1,8 @@
-"""Shared test helpers: gradient checking, process launching with hard timeouts."""
+"""Fixtures shared by the test files; plain helpers live in helpers.py."""
 
-import os
-import shutil
-import subprocess
-import sys
-import time
-
-import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def numeric_gradient(f, x, eps=1e-6):
-    """Central differences of scalar f() with respect to array x (changed in place, restored)."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat_x.size):
-        saved = flat_x[i]
-        flat_x[i] = saved + eps
-        plus = f()
-        flat_x[i] = saved - eps
-        minus = f()
-        flat_x[i] = saved
-        flat_g[i] = (plus - minus) / (2 * eps)
-    return grad
-
-
-def relative_error(a, b):
-    """||a - b|| / (||a|| + ||b||): insensitive to entries that are tiny in both."""
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-12)
-
-
-def mpiexec():
-    path = shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("mpiexec is not on PATH (run through ./scripts/test)")
-    return path
-
-
-class Result:
-    def __init__(self, completed, seconds):
-        self.returncode = completed.returncode
-        self.stdout = completed.stdout
-        self.stderr = completed.stderr
-        self.seconds = seconds
-
-    def __repr__(self):
-        return f"<exit {self.returncode} after {self.seconds:.1f}s\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}>"
-
-
-def run(args, timeout=120, ranks=None, env=None, cwd=None, **kwargs):
-    """Run a command (under `mpiexec -n ranks` if given) and fail the test if it outlives
-    `timeout`: a test never hangs."""
-    command = [mpiexec(), "-n", str(ranks), *args] if ranks else list(args)
-    full_env = {**os.environ, **(env or {})}
-    full_env = {name: value for name, value in full_env.items() if value is not None}  # None unsets
-    started = time.monotonic()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                   env=full_env, cwd=cwd, **kwargs)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(command)} did not finish within {timeout}s (a hang?)\n"
-                    f"stdout: {error.stdout}\nstderr: {error.stderr}")
-    return Result(completed, time.monotonic() - started)
-
-
-def dpflow_command():
-    path = shutil.which("dpflow")
-    return [path] if path else [sys.executable, "-m", "dpflow"]
+from helpers import dpflow_command, run
 
 
 @pytest.fixture

@@ -19,11 +19,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, dpflow_command, mpiexec, run
+from helpers import INJECT, dpflow_command, mpiexec, run, wait_for
 from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
 from dpflow.signals import IMPATIENT_SECONDS, StopRequest
 
-INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 HOLD_STEP = 30
 # A small model: three of its checkpoints (two kept, one being written) fit the 2 MB disk below.
 COMMON = ["train", "--epochs", "3", "--dtype", "float64", "--batch-size", "32", "--hidden", "128,64", "--quiet"]
