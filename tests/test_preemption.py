@@ -45,17 +45,6 @@ def test_signals_that_arrive_together_are_one_request():
         stop.request(signal.SIGINT)  # a person who will not wait
 
 
-def wait_for(predicate, timeout, what, process=None):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the job ended (status {process.returncode}) while waiting for {what}: "
-                        f"{process.stderr.read()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
-
-
 def rank_pids(marker):
     """The rank processes (python) whose command line holds `marker`."""
     found = []
