@@ -19,7 +19,7 @@ def fit(model, dataset="digits", **settings):
     **model_args), or a SPEC such as "cnn") on `dataset` (a name or path as for `dpflow
     train --dataset`, or a `dpflow.data.Dataset`) with `dpflow train`'s settings. Every rank
     must call it. Returns the per-epoch history; the Model's parameters are the trained ones."""
-    from .cli import train
+    from .run import train
     from .comm import create_communicator
     from .config import FIELDS, build_config, coerce
     from .failure import SafetyNet, crash

@@ -41,6 +41,7 @@ BENCH_SETTINGS = ("model", "model_args", "features", "hidden", "classes", "batch
 BENCH_DEFAULTS = {"features": 784, "hidden": [512, 256], "classes": 10, "batch_size": 256, "optimizer": "sgd"}
 BENCH_HELP = {"features": "input features of an mlp", "classes": "classes",
               "model": "mlp, cnn, or path/to/file.py:function (as for train)",
+              "model_args": "a keyword argument of the model's builder, e.g. dropout=0.25; repeatable",
               "noise_scale": "measure the gradient noise scale as `dpflow train` does",
               "trace": "write the timed steps' timeline to this file (Chrome trace JSON: ui.perfetto.dev)"}
 # No cross-rank checks and no watchdog inside the timed steps; the lr does not matter here.

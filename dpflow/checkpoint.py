@@ -28,9 +28,22 @@ from .errors import CheckpointError
 MAGIC = b"DPFLOW-CHECKPOINT 1 "
 NAME = re.compile(r"^ckpt-(\d{9})\.dpf$")
 LATEST = "latest"
-BEST = "best.dpf"  # --keep-best: the best epoch so far; not a ckpt-*.dpf, so never pruned or resumed
-UMASK = os.umask(0o022)
-os.umask(UMASK)  # read once at import: the process's umask, unchanged
+BEST = "best.dpf"  # `keep_best`: the best epoch so far; not a ckpt-*.dpf, so never pruned or resumed
+
+
+def current_umask():
+    """The process's umask, read without changing it (Linux's /proc); elsewhere set and
+    restored at once. Read when writing, never at import: importing changes nothing."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_directory(directory):
@@ -46,7 +59,7 @@ def atomic_write(path, data):
     directory = os.path.dirname(os.path.abspath(path))
     fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".part")
     try:
-        os.fchmod(fd, 0o666 & ~UMASK)  # mkstemp's 0600, widened to what open() would give
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600, widened to what open() would give
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

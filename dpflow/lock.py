@@ -22,7 +22,7 @@ class DirectoryBusy(Exception):
 
     def __init__(self, directory, holder):
         super().__init__(
-            f"--checkpoint-dir {directory} is in use by another run ({holder}); wait for it to end "
+            f"{directory} is in use by another run ({holder}); wait for it to end "
             "or stop it, or give this run another directory")
         self.holder = holder
 

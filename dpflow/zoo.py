@@ -48,7 +48,7 @@ def image_shape(input_shape):
         side = math.isqrt(input_shape[0])
         return (1, side, side)
     raise GraphError(f"the cnn model needs images (channels, height, width), got examples of shape "
-                     f"{tuple(input_shape)}; load the data as images, or use --model mlp")
+                     f"{tuple(input_shape)}; load the data as images, or use `model` mlp")
 
 
 def cnn(input_shape, n_classes, rng, dtype, channels=(32, 64), kernel=3, dense=128, dropout=0.5,

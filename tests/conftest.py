@@ -1,83 +1,24 @@
-"""Shared test helpers: gradient checking, process launching with hard timeouts."""
+"""Fixtures shared by the test files; plain helpers live in helpers.py."""
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
-import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import STARTED, dpflow_command, run
 
 
-def numeric_gradient(f, x, eps=1e-6):
-    """Central differences of scalar f() with respect to array x (changed in place, restored)."""
-    grad = np.zeros_like(x, dtype=np.float64)
-    flat_x, flat_g = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat_x.size):
-        saved = flat_x[i]
-        flat_x[i] = saved + eps
-        plus = f()
-        flat_x[i] = saved - eps
-        minus = f()
-        flat_x[i] = saved
-        flat_g[i] = (plus - minus) / (2 * eps)
-    return grad
+@pytest.fixture
+def dpflow():
+    """Run `dpflow ARGS...` (optionally under mpiexec) with a timeout."""
 
+    def runner(*args, ranks=None, timeout=120, env=None, cwd=None):
+        return run([*dpflow_command(), *map(str, args)], timeout=timeout, ranks=ranks, env=env, cwd=cwd)
 
-def relative_error(a, b):
-    """||a - b|| / (||a|| + ||b||): insensitive to entries that are tiny in both."""
-    return np.linalg.norm(a - b) / max(np.linalg.norm(a) + np.linalg.norm(b), 1e-12)
-
-
-def mpiexec():
-    path = shutil.which("mpiexec")
-    if path is None:
-        pytest.skip("mpiexec is not on PATH (run through ./scripts/test)")
-    return path
-
-
-class Result:
-    def __init__(self, completed, seconds):
-        self.returncode = completed.returncode
-        self.stdout = completed.stdout
-        self.stderr = completed.stderr
-        self.seconds = seconds
-
-    def __repr__(self):
-        return f"<exit {self.returncode} after {self.seconds:.1f}s\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}>"
-
-
-def run(args, timeout=120, ranks=None, env=None, cwd=None, **kwargs):
-    """Run a command (under `mpiexec -n ranks` if given) and fail the test if it outlives
-    `timeout`: a test never hangs."""
-    command = [mpiexec(), "-n", str(ranks), *args] if ranks else list(args)
-    full_env = {**os.environ, **(env or {})}
-    full_env = {name: value for name, value in full_env.items() if value is not None}  # None unsets
-    started = time.monotonic()
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                                   env=full_env, cwd=cwd, **kwargs)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"{' '.join(command)} did not finish within {timeout}s (a hang?)\n"
-                    f"stdout: {error.stdout}\nstderr: {error.stderr}")
-    return Result(completed, time.monotonic() - started)
-
-
-# Jobs started in the background by `start_job`, for `no_job_outlives_its_test`.
-STARTED = []
-
-
-def start_job(command, **kwargs):
-    """Popen `command` in a session of its own, for a test that watches it while it runs.
-    If the test ends first (it failed half-way), its whole process group is killed."""
-    process = subprocess.Popen(command, start_new_session=True, **kwargs)
-    STARTED.append(process)
-    return process
+    return runner
 
 
 @pytest.fixture(autouse=True)
@@ -91,21 +32,6 @@ def no_job_outlives_its_test():
             os.killpg(process.pid, signal.SIGKILL)  # the ranks too, even if mpiexec has ended
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=30)
-
-
-def dpflow_command():
-    path = shutil.which("dpflow")
-    return [path] if path else [sys.executable, "-m", "dpflow"]
-
-
-@pytest.fixture
-def dpflow():
-    """Run `dpflow ARGS...` (optionally under mpiexec) with a timeout."""
-
-    def runner(*args, ranks=None, timeout=120, env=None, cwd=None):
-        return run([*dpflow_command(), *map(str, args)], timeout=timeout, ranks=ranks, env=env, cwd=cwd)
-
-    return runner
 
 
 # --- what the suite's killed jobs leave in /dev/shm -------------------------------------------

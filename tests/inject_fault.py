@@ -3,7 +3,8 @@
     mpiexec -n 4 python tests/inject_fault.py RANK STEP KIND dpflow-args...
 
 KIND: `raise` (an exception in the training step), `nan` (that rank's loss gradient becomes
-NaN), `exit` (the rank calls os._exit(3) as if it crashed), `hold` (the rank creates
+NaN), `exit` (the rank calls os._exit(3) as if it crashed), `sigterm` (the rank sends itself
+one SIGTERM, once, as a preempted job's rank receives it), `hold` (the rank creates
 $DPFLOW_HOLD_DIR/held before step STEP and waits, for at most 60 s, until the test creates
 $DPFLOW_HOLD_DIR/release: the whole job stands still at a known step while the test sends
 its signals; it creates $DPFLOW_HOLD_DIR/signalled once it has a stop request). The fault fires on rank RANK when
@@ -13,6 +14,7 @@ fires only if FILE does not exist yet, and creates it: a fault that a restart su
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -22,6 +24,7 @@ from dpflow import cli, trainer
 
 rank, step, kind = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 original_step = trainer.Trainer.train_step
+signalled = []
 
 
 def first_time():
@@ -51,6 +54,9 @@ def faulty_step(self, permutation, micro_batches):
                     open(os.path.join(hold, "signalled"), "w").close()
         if kind == "nan":  # from now on this rank's batches are all NaN
             self.x_train = np.full_like(self.x_train, np.nan)
+        if kind == "sigterm" and not signalled:
+            signalled.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)  # handled before the step's forward starts
     return original_step(self, permutation, micro_batches)
 
 

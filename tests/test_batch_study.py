@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, run
 
 
 def test_study_writes_its_report_from_its_runs(tmp_path):

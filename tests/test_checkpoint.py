@@ -169,3 +169,12 @@ def test_temporaries_of_a_killed_write_are_removed(tmp_path):
     assert remove_temporaries(str(tmp_path)) == [".tmp-abc123.part"]
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000000001.dpf", "latest", "notes.txt"]
     assert remove_temporaries(str(tmp_path / "missing")) == []
+
+
+def test_a_checkpoint_file_gets_the_mode_open_would_give_under_the_umask_of_write_time(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        path = save(tmp_path, 1)
+    finally:
+        os.umask(previous)
+    assert os.stat(path).st_mode & 0o777 == 0o640

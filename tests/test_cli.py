@@ -3,17 +3,15 @@ with a timeout."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
+from helpers import load, run
+
 
 QUICK = ["--epochs", "2", "--dtype", "float64"]
-
-
-def load(path):
-    with np.load(path) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 def max_difference(a, b):
@@ -56,13 +54,12 @@ def test_resume_continues_the_exact_trajectory(dpflow, tmp_path):
     assert straight.returncode == 0, straight
     first = dpflow("train", "--epochs", "2", "--dtype", "float64", "--checkpoint-dir", tmp_path / "ck", ranks=2)
     assert first.returncode == 0, first
+    shutil.copytree(tmp_path / "ck", tmp_path / "ck3")  # the same checkpoint, resumed on 3 ranks below
     same = dpflow("train", "--epochs", "4", "--dtype", "float64", "--checkpoint-dir", tmp_path / "ck",
                   "--resume", "--save", tmp_path / "same.npz", ranks=2)
     assert same.returncode == 0 and "resumed from" in same.stdout, same
     assert max_difference(load(tmp_path / "straight.npz"), load(tmp_path / "same.npz")) == 0.0
     # A different world size continues the same trajectory to rounding.
-    first3 = dpflow("train", "--epochs", "2", "--dtype", "float64", "--checkpoint-dir", tmp_path / "ck3", ranks=2)
-    assert first3.returncode == 0
     other = dpflow("train", "--epochs", "4", "--dtype", "float64", "--checkpoint-dir", tmp_path / "ck3",
                    "--resume", "--save", tmp_path / "other.npz", ranks=3)
     assert other.returncode == 0, other
@@ -147,7 +144,6 @@ def test_plot_writes_a_png(dpflow, tmp_path):
 
 
 def test_python_m_dpflow_and_version(tmp_path):
-    from conftest import run
     import sys
 
     result = run([sys.executable, "-m", "dpflow", "--version"], timeout=60)

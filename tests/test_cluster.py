@@ -16,12 +16,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+import helpers
+from helpers import alive, load, wait_for
+
+ROOT = Path(helpers.ROOT)
 CLUSTER = ROOT / "scripts" / "cluster"
 BIN = Path(sys.executable).parent  # the venv's bin: mpiexec and dpflow live there
 
@@ -81,16 +83,8 @@ def start_cluster(args, cwd, run_id):
 
 
 def finish(process, timeout):
-    """(status, stdout, stderr, seconds); fails the test if the run outlives `timeout`."""
-    started = time.monotonic()
-    try:
-        out, err = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGTERM)  # lets the cluster remove itself
-        out, err = process.communicate(timeout=30)
-        pytest.fail(f"scripts/cluster still running after {timeout} s\n"
-                    f"--- stdout\n{out}\n--- stderr\n{err}")
-    return process.returncode, out, err, time.monotonic() - started
+    """helpers.finish for scripts/cluster, which removes itself on SIGTERM."""
+    return helpers.finish(process, timeout, stop=signal.SIGTERM)
 
 
 def run_cluster(args, cwd, timeout, run_id=None):
@@ -145,15 +139,6 @@ def host_pids(stderr):
     """{host: init pid} from the cluster's start-up lines."""
     return {m.group(1): int(m.group(2))
             for m in re.finditer(r"host (node\d+) \S+ netns \S+ init pid (\d+)", stderr)}
-
-
-def alive(pid):
-    """Running, not merely a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # --- the cluster itself, with a small mpi4py program ------------------------------------
@@ -267,7 +252,7 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
     # SIGTERM: the cluster removes itself and reports 128 + 15.
     run_id = new_run_id()
     process = start_cluster(sleep, tmp_path, run_id)
-    wait_until_running(run_id)
+    wait_until_running(run_id, ["sleep", "60"])
     process.send_signal(signal.SIGTERM)
     status, out, err, seconds = finish(process, timeout=30)
     assert status == 128 + signal.SIGTERM, err
@@ -278,14 +263,11 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
     # the names it left are removed by --cleanup-stale (or by the next run).
     run_id = new_run_id()
     process = start_cluster(sleep, tmp_path, run_id)
-    state = wait_until_running(run_id)
+    state = wait_until_running(run_id, ["sleep", "60"])
     process.kill()
     _, _, err, _ = finish(process, timeout=10)
     pids = [host["init_pid"] for host in state["hosts"].values()]
-    deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(alive(pid) for pid in pids)
+    wait_for(lambda: not any(alive(pid) for pid in pids), 10, "the hosts to die with the cluster")
     cleanup = subprocess.run([sys.executable, str(CLUSTER), "--cleanup-stale"],
                              capture_output=True, text=True, timeout=30)
     assert cleanup.returncode == 0, cleanup.stderr
@@ -293,24 +275,43 @@ def test_a_signal_or_a_kill_leaves_nothing_behind(tmp_path):
     assert_nothing_left(run_id, err)
 
 
-def wait_until_running(run_id, timeout=20):
-    """The run's state once all its hosts are up and the job has been started."""
+def wait_until_running(run_id, command=None, timeout=20):
+    """The run's state once all its hosts are up and the job has been started (and, if
+    `command` is given, runs as that argv on every host)."""
     path = Path(f"/run/dpflow-cluster/{run_id}/state.json")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    found = {}
+
+    def up():
         try:
             state = json.loads(path.read_text())
-            if all(h["init_pid"] for h in state["hosts"].values()) and \
-                    (path.parent / "launch").exists():
-                time.sleep(0.5)  # let mpiexec start the proxies
-                return state
         except (OSError, ValueError):
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"run {run_id} did not come up within {timeout} s")
+            return False
+        if not all(h["init_pid"] for h in state["hosts"].values()) or not (path.parent / "launch").exists():
+            return False
+        found["state"] = state
+        return command is None or len(hosts_running(state, command)) == len(state["hosts"])
+
+    wait_for(up, timeout, f"run {run_id} to come up")
+    return found["state"]
 
 
-# --- dpflow train on the cluster -----------------------------------------------------------
+def hosts_running(state, command):
+    """The hosts (network namespaces of the run) where a process runs exactly `command`."""
+    namespaces = {f"net:[{os.stat(f'/run/netns/{ns}').st_ino}]" for ns in (host["netns"] for host in state["hosts"].values())
+                  if os.path.exists(f"/run/netns/{ns}")}
+    hosts = set()
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        pid = cmdline.split("/")[2]
+        try:
+            with open(cmdline, "rb") as f:
+                argv = f.read().split(b"\0")[:-1]
+            net = os.readlink(f"/proc/{pid}/ns/net")
+        except OSError:
+            continue  # exited meanwhile
+        if argv == [part.encode() for part in command] and net in namespaces:
+            hosts.add(net)
+    return hosts
+
 
 TRAIN = ["train", "--dataset", "digits", "--dtype", "float64", "--seed", "3",
          "--batch-size", "64", "--progress", "plain"]
@@ -335,13 +336,6 @@ def single_process_parameters(tmp_path_factory):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     return load(directory / "p.npz")
-
-
-def load(path):
-    import numpy as np
-
-    with np.load(path) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 @needs_dpflow
@@ -392,21 +386,43 @@ def run_until_fault(tmp_path, inject, stall_timeout=10):
          "--",
          *with_rank_status([tool("dpflow"), *TRAIN, "--epochs", str(FAULT_EPOCHS),
                             "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1",
-                            "--stall-timeout", str(stall_timeout), "--save", "p.npz"])],
+                            "--stall-timeout", str(stall_timeout), "--save", "p.npz",
+                            "--metrics", "m.jsonl", "--log-every", "1"])],
         tmp_path, run_id)
     state = wait_until_running(run_id)
-    deadline = time.monotonic() + 60
-    while not list(checkpoints.glob("ckpt-*.dpf")):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.send_signal(signal.SIGTERM)
+
+    def mid_epoch_after_a_checkpoint():
+        """A checkpoint exists and training has gone 3 steps past it, so the fault lands mid-epoch."""
+        if process.poll() is not None:
             status, out, err, _ = finish(process, timeout=30)
-            pytest.fail(f"no checkpoint appeared (status {status})\n{out}\n{err}")
-        time.sleep(0.05)
-    time.sleep(0.3)  # a few more steps, so the fault lands mid-epoch
+            pytest.fail(f"the job ended before the fault (status {status})\n{out}\n{err}")
+        written = sorted(checkpoints.glob("ckpt-*.dpf"))
+        return written and last_step(tmp_path / "m.jsonl") >= int(written[-1].stem.split("-")[1]) + 3
+
+    try:
+        wait_for(mid_epoch_after_a_checkpoint, 60, "a checkpoint and three more steps")
+    except BaseException:
+        process.send_signal(signal.SIGTERM)
+        finish(process, timeout=30)
+        raise
     inject(run_id, state)
     status, out, err, seconds = finish(process, timeout=90)
     report = json.loads((tmp_path / "report.json").read_text())
     return run_id, status, out, err, seconds, checkpoints, report
+
+
+def last_step(metrics):
+    """The step of the last complete record of a metrics file (0 if none yet)."""
+    try:
+        lines = metrics.read_text().splitlines()
+    except OSError:
+        return 0
+    for line in reversed(lines):
+        try:
+            return json.loads(line)["step"]
+        except ValueError:
+            continue  # a line still being written
+    return 0
 
 
 def assert_failed_cleanly(status, out, err, seconds, checkpoints, limit):

@@ -7,15 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, dpflow_command, mpiexec, run, start_job
+from helpers import INJECT, OPENMPI_ENV, dpflow_command, finish, launch_prefix, mpiexec, run, start_job, wait_for
 from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
 
-INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 
 
 def snapshot(directory):
@@ -36,31 +34,6 @@ def test_exception_on_rank_2_of_4_aborts_the_job_fast(flavor):
     assert "Traceback" not in result.stderr
 
 
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-OPENMPI_VENV = os.environ.get("DPFLOW_OPENMPI_VENV", os.path.join(ROOT, ".venv-openmpi"))
-# Open MPI refuses root without both variables, and counts 2 slots on 2 cores.
-OPENMPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-
-
-def launch_prefix(flavor, ranks):
-    """The launcher and the dpflow command for `flavor`: mpich (this venv) or openmpi."""
-    if flavor == "mpich":
-        return [mpiexec(), "-n", str(ranks)], dpflow_command(), sys.executable
-    mpirun = os.path.join(OPENMPI_VENV, "bin", "mpirun")
-    if not os.path.exists(mpirun):
-        pytest.skip(f"no Open MPI venv at {OPENMPI_VENV} (./scripts/test-openmpi creates it)")
-    python = os.path.join(OPENMPI_VENV, "bin", "python")
-    return [mpirun, "--oversubscribe", "-n", str(ranks)], [python, "-m", "dpflow"], python
-
-
 def start_training(tmp_path, *args, ranks=4, flavor="mpich"):
     """mpiexec dpflow train in the background; returns the Popen and the metrics path."""
     launcher, dpflow, _ = launch_prefix(flavor, ranks)
@@ -76,18 +49,6 @@ def steps_logged(metrics):
         return sum(1 for _ in open(metrics))
     except FileNotFoundError:
         return 0
-
-
-def finish(process, timeout):
-    """Wait for the job to end on its own; kill it and fail if it does not."""
-    started = time.monotonic()
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        pytest.fail(f"the job did not end within {timeout}s after the fault")
-    return process.returncode, stdout, stderr, time.monotonic() - started
 
 
 def rank_pids(marker):
@@ -228,22 +189,27 @@ def test_unwritable_checkpoint_dir(dpflow, tmp_path):
     assert result.returncode == 2 and "--checkpoint-dir" in result.stderr and "not writable" in result.stderr, result
 
 
-def test_a_new_run_never_overwrites_another_runs_checkpoints(dpflow, tmp_path):
-    first = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
+@pytest.fixture(scope="module")
+def trained_checkpoints(tmp_path_factory):
+    """The checkpoint directory of one short run with --optimizer sgd, for the refusals."""
+    directory = tmp_path_factory.mktemp("trained") / "ck"
+    first = run([*dpflow_command(), "train", "--epochs", "1", "--optimizer", "sgd",
+                 "--checkpoint-dir", directory], ranks=2, timeout=120)
     assert first.returncode == 0, first
-    before = snapshot(tmp_path / "ck")
-    again = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
-    assert again.returncode == 2 and "already holds checkpoints" in again.stderr and "--resume" in again.stderr
-    assert snapshot(tmp_path / "ck") == before
+    return directory
 
 
-def test_checkpoint_from_a_different_model_is_refused_and_left_intact(dpflow, tmp_path):
-    first = dpflow("train", "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=2)
-    assert first.returncode == 0, first
+@pytest.mark.parametrize("args,messages", [
+    (["--epochs", "1"], ["already holds checkpoints", "--resume"]),  # a new run never prunes them
+    (["--optimizer", "sgd", "--hidden", "32", "--resume"], ["from a different model", "--hidden"]),
+    (["--resume"], ["was trained with --optimizer 'sgd' (now 'momentum')"]),
+], ids=["new-run", "other-model", "other-optimizer"])
+def test_refused_resumes_leave_the_checkpoints_intact(dpflow, tmp_path, trained_checkpoints, args, messages):
+    shutil.copytree(trained_checkpoints, tmp_path / "ck")
     before = snapshot(tmp_path / "ck")
-    result = dpflow("train", "--epochs", "2", "--hidden", "32", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
+    result = dpflow("train", "--epochs", "2", *args, "--checkpoint-dir", tmp_path / "ck", ranks=2)
     assert result.returncode == 2 and result.stderr.count("dpflow: error:") == 1, result
-    assert "from a different model" in result.stderr and "--hidden" in result.stderr
+    assert all(message in result.stderr for message in messages), result
     assert snapshot(tmp_path / "ck") == before
 
 
@@ -270,14 +236,14 @@ def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(dpflow, tmp_p
     common = ["--epochs", "6", "--dtype", "float64", "--batch-size", "16"]
     straight = dpflow("train", *common, "--save", tmp_path / "straight.npz", ranks=4)
     assert straight.returncode == 0, straight
-    process, metrics = start_training(tmp_path, *common, "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", "100")
-    wait_for(lambda: steps_logged(metrics) > 130, 60, "training into epoch 2")
-    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler preempting the job does
-    code, stdout, stderr, seconds = finish(process, 30)
-    assert code == 128 + signal.SIGTERM, (code, stderr)
-    assert "stopped by SIGTERM at step" in stderr and "continue with --resume" in stderr
+    # One SIGTERM to rank 2 before step 100 (epoch 2 has 90 steps): every rank stops after it.
+    stopped = run([sys.executable, INJECT, "2", "100", "sigterm", "train", *common,
+                   "--checkpoint-dir", tmp_path / "ck", "--checkpoint-every", "100"], ranks=4, timeout=90)
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped
+    assert "stopped by SIGTERM at step 100 (epoch 2)" in stopped.stderr, stopped
+    assert "continue with --resume" in stopped.stderr
     path, arrays, meta = load_latest_valid(str(tmp_path / "ck"))
-    assert 0 < meta["step_in_epoch"] and meta["epoch"] < 6  # really mid-epoch
+    assert (meta["global_step"], meta["epoch"], meta["step_in_epoch"]) == (100, 1, 10)  # mid-epoch
     shutil.copytree(tmp_path / "ck", tmp_path / "ck-copy")
     resumed = dpflow("train", *common, "--checkpoint-dir", tmp_path / "ck", "--resume",
                      "--save", tmp_path / "resumed.npz", ranks=4)
@@ -345,16 +311,6 @@ def test_mpi4py_on_another_mpi_than_the_launcher_is_a_clear_error(dpflow):
     result = dpflow("info", env={"OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_RANK": "0"})
     assert result.returncode == 2, result
     assert "the launcher started 3 ranks but MPI sees a world of 1" in result.stderr
-
-
-def test_resume_with_another_optimizer_is_refused(dpflow, tmp_path):
-    first = dpflow("train", "--epochs", "1", "--optimizer", "sgd", "--checkpoint-dir", tmp_path / "ck", ranks=2)
-    assert first.returncode == 0, first
-    before = snapshot(tmp_path / "ck")
-    result = dpflow("train", "--epochs", "2", "--checkpoint-dir", tmp_path / "ck", "--resume", ranks=2)
-    assert result.returncode == 2, result
-    assert "was trained with --optimizer 'sgd' (now 'momentum')" in result.stderr
-    assert snapshot(tmp_path / "ck") == before
 
 
 def test_a_garbled_latest_pointer_falls_back_to_the_checkpoints(dpflow, tmp_path):

@@ -10,17 +10,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, mpiexec
+from helpers import INJECT, ROOT, mpiexec, wait_for
 from dpflow.errors import UsageError
 from dpflow.sharding import batch_bounds
 from dpflow.launch import Host, merge_hosts, parse_host, plan_batch, read_hostfile, read_progress
 
-INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 # float64 and a small run: bitwise comparisons, a few seconds per attempt.
 TRAIN = ["train", "--epochs", "3", "--dtype", "float64", "--quiet", "--stall-timeout", "30"]
 
@@ -186,10 +184,8 @@ def test_sigterm_to_launch_checkpoints_and_stops_without_a_restart(tmp_path, str
     command = [sys.executable, "-m", "dpflow", "launch", "-n", "2", "--", *TRAIN, "--epochs", "400",
                "--checkpoint-dir", "ck"]
     process = subprocess.Popen(command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while (read_progress(str(tmp_path / "ck" / ".progress"))[0] or 0) < 30:
-        assert time.monotonic() < deadline and process.poll() is None, "training never started"
-        time.sleep(0.05)
+    wait_for(lambda: (read_progress(str(tmp_path / "ck" / ".progress"))[0] or 0) >= 30, 60,
+             "step 30 of the training", process)
     process.send_signal(signal.SIGTERM)
     try:
         stderr = process.communicate(timeout=60)[1]

@@ -4,7 +4,7 @@ a hand-written numpy reference network, 0-row batches and bad input."""
 import numpy as np
 import pytest
 
-from conftest import numeric_gradient, relative_error
+from helpers import numeric_gradient, relative_error
 from dpflow import (
     MSE, GraphError, Input, Linear, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh,
     forward_and_backward, forward_pass, sort_layers,
@@ -88,8 +88,8 @@ def test_input_used_twice_sums_both_gradients():
     y = Input(r.normal(size=(4, 2)))
     y2 = Input(r.normal(size=(4, 2)))
     shared = Sigmoid(X)
-    # Sigmoid's output feeds two Linear layers whose losses are summed through an MSE of MSEs:
-    # use one MSE over the two branches by stacking them through a Linear with identity.
+    # Sigmoid's output feeds two Linear branches, each with its own MSE; the check compares
+    # the summed gradient at X with central differences of the sum of both losses.
     a = Linear(shared, W1, b1)
     b = Linear(shared, W2, b2)
     total = MSE(y, a)

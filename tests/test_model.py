@@ -143,7 +143,7 @@ def test_cnn_builder_arguments_and_refusals():
                 dropout=0, batch_norm="true")
     assert sorted(model.params) == ["bn0.beta", "bn0.gamma", "conv0.W", "conv0.b", "fc0.W", "fc0.b", "fc1.W", "fc1.b"]
     assert list(model.state()) == ["bn0.running_mean", "bn0.running_var"]
-    with pytest.raises(GraphError, match=r"needs images .* got examples of shape \(20,\).*--model mlp"):
+    with pytest.raises(GraphError, match=r"needs images .* got examples of shape \(20,\).*`model` mlp"):
         cnn((20,), 3, np.random.default_rng(0), np.float32)
     with pytest.raises(GraphError, match=r"feature map vanishes after block 4 of 4"):
         cnn((1, 8, 8), 3, np.random.default_rng(0), np.float32, channels=[4, 4, 4, 4])

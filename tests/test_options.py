@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from dpflow import catalog, config, data, model, normalize, optim, schedule, trainer, zoo
 from dpflow.bench import BENCH_SETTINGS, add_bench_arguments, bench_config
 from dpflow.errors import UsageError

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, run
+from helpers import ROOT, dpflow_command, run
 from dpflow import Input, Linear
 from dpflow.comm import LocalCommunicator
 from dpflow.errors import UsageError
@@ -75,7 +75,6 @@ def test_fit_trains_a_model_defined_in_a_script_on_two_ranks_as_one_process(tmp_
     for key in a.files:
         assert np.max(np.abs(a[key] - b[key])) < 1e-10, key
     # The checkpoint names the script's builder: `dpflow eval` rebuilds the model from it.
-    from conftest import dpflow_command
     evaluated = run([*dpflow_command(), "eval", "--checkpoint", str(tmp_path / "ck")])
     assert evaluated.returncode == 0 and "test_accuracy" in evaluated.stdout, evaluated
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, dpflow_command, load, run
 
 MODELS = os.path.join(ROOT, "tests", "model_files")
 # 41 training rows in batches of 13: the last batch has 2 rows, so 3 or 4 ranks leave one empty.
@@ -19,11 +19,6 @@ RUN = [*DATA, "--batch-size", "13", "--lr", "0.1", "--dtype", "float64", "--quie
 
 def spec(name):
     return f"{os.path.join(MODELS, name)}.py:build"
-
-
-def load(path):
-    with np.load(path) as archive:
-        return {name: archive[name] for name in archive.files}
 
 
 def one_line_error(result, *fragments):
@@ -39,7 +34,6 @@ def one_line_error(result, *fragments):
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """Each model file trained by one process: the reference for N ranks."""
-    from conftest import dpflow_command, run
 
     directory = tmp_path_factory.mktemp("reference")
     saved = {}

@@ -8,7 +8,7 @@ import runpy
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from dpflow.checkpoint import load_checkpoint
 from dpflow.comm import LocalCommunicator, create_communicator, fingerprint
 from dpflow.config import TrainConfig

@@ -19,11 +19,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import ROOT, dpflow_command, mpiexec, run, start_job
+from helpers import INJECT, dpflow_command, mpiexec, run, start_job, wait_for
 from dpflow.checkpoint import list_checkpoints, load_latest_valid, read_checkpoint
 from dpflow.signals import IMPATIENT_SECONDS, StopRequest
 
-INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 HOLD_STEP = 30
 # A small model: three of its checkpoints (two kept, one being written) fit the 2 MB disk below.
 COMMON = ["train", "--epochs", "3", "--dtype", "float64", "--batch-size", "32", "--hidden", "128,64", "--quiet"]
@@ -44,17 +43,6 @@ def test_signals_that_arrive_together_are_one_request():
     stop.request(signal.SIGTERM)  # SIGTERM never skips the checkpoint
     with pytest.raises(KeyboardInterrupt):
         stop.request(signal.SIGINT)  # a person who will not wait
-
-
-def wait_for(predicate, timeout, what, process=None):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if process is not None and process.poll() is not None:
-            pytest.fail(f"the job ended (status {process.returncode}) while waiting for {what}: "
-                        f"{process.stderr.read()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def rank_pids(marker):

@@ -7,7 +7,7 @@ import os
 import sys
 import textwrap
 
-from conftest import run
+from helpers import run
 
 from dpflow import _threads
 

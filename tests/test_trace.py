@@ -65,9 +65,8 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-from conftest import ROOT, run  # noqa: E402
+from helpers import INJECT, run  # noqa: E402
 
-INJECT = os.path.join(ROOT, "tests", "inject_fault.py")
 
 
 def spans_by_rank(path):
