@@ -154,7 +154,7 @@ def wait_for(condition, seconds, what, procs):
         time.sleep(0.2)
 
 
-def start(directory, hosts, launcher):
+def start(directory, hosts, launcher, run_id):
     """Bring munge and Slurm up; return (environment for COMMAND, daemon processes)."""
     for sub in ("ctld", "log", "munge", *(f"spool/{h}" for h in hosts)):
         os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
@@ -196,17 +196,21 @@ def start(directory, hosts, launcher):
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     for host in hosts:
         # slurmd 22.05 loads its cgroup plugin even when no plugin uses cgroups, and
-        # gives up when /sys/fs/cgroup holds no file system (`ip netns exec` mounts a
-        # fresh /sys without it). An empty tmpfs there, in this host's mount namespace
-        # only, satisfies it and gives Slurm no access to the machine's real cgroups.
+        # gives up unless /sys/fs/cgroup/systemd is a cgroup file system (`ip netns exec`
+        # mounts a fresh /sys without any). A tmpfs there with a new, empty, named cgroup
+        # hierarchy of this run, in this host's mount namespace only, satisfies it and
+        # gives Slurm no access to the machine's real cgroups; the kernel drops the
+        # hierarchy when the host's last mount of it goes.
         # The ssh stand-in joins its arguments into one shell line, as ssh does.
+        on_host = " && ".join([
+            "mount -t tmpfs -o size=1m,mode=755 slurm-no-cgroups /sys/fs/cgroup",
+            "mkdir /sys/fs/cgroup/systemd",
+            f"mount -t cgroup -o none,name=dpflow-{run_id} slurm-no-cgroups "
+            "/sys/fs/cgroup/systemd",
+            "exec " + shlex.join(["env", f"SLURM_CONF={conf}", "slurmd", "-D", "-f", conf,
+                                  "-N", host])])
         procs[f"slurmd on {host}"] = subprocess.Popen(
-            [launcher, host,
-             "mount -t tmpfs -o size=1m,mode=755 slurm-no-cgroups /sys/fs/cgroup && "
-             "mkdir /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=dpflowslurm slurm-no-cgroups /sys/fs/cgroup/systemd && exec "
-             + shlex.join(["env", f"SLURM_CONF={conf}", "slurmd", "-D", "-f", conf,
-                           "-N", host])],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [launcher, host, on_host], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT)
 
     def all_idle():
@@ -228,7 +232,8 @@ def main(argv):
     directory = os.path.join(os.path.dirname(os.environ["CLUSTER_STATE"]), "slurm")
     started = time.monotonic()
     try:
-        env, procs = start(directory, hosts, os.environ["CLUSTER_LAUNCHER"])
+        env, procs = start(directory, hosts, os.environ["CLUSTER_LAUNCHER"],
+                           os.environ["CLUSTER_RUN_ID"])
     except (SlurmSetupError, OSError) as error:
         log(f"error: slurm set-up failed: {error}\n{logs_tail(directory)}")
         return SETUP_ERROR
