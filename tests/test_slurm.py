@@ -118,6 +118,9 @@ srun --mpi=pmi2 -N 2 -n 4 dpflow train {TRAIN} --epochs 2 --save p4.npz > srun.o
     assert sorted(filter(None, nodes)) == [f"node{i} {os.cpu_count()} idle" for i in range(2)]
     log = (tmp_path / "srun.out").read_text()
     assert "4 ranks on node0 (2 ranks), node1 (2 ranks)" in log, log
+    # 2 ranks on each host: each gets half the host's cores for BLAS, as under mpiexec.
+    expected = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"BLAS threads per rank: {expected}" in log, log
     one = subprocess.run([tool("dpflow"), "train", *TRAIN.split(), "--epochs", "2",
                           "--save", "p1.npz"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)
