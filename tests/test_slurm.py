@@ -59,27 +59,35 @@ job_ended() {
     esac
     return 1
 }
+kill_host() {  # power HOST off: SIGKILL to the init of its PID namespace kills everything on it
+    python3 -c 'import json, os, signal, sys
+state = json.load(open(os.environ["CLUSTER_STATE"]))
+os.kill(state["hosts"][sys.argv[1]]["init_pid"], signal.SIGKILL)' "$1"
+    say "powered $1 off"
+}
 record() { scontrol show job -o "$1" > "$2"; say "job $1: $(job_field "$1" JobState) exit $(job_field "$1" ExitCode) restarts $(job_field "$1" Restarts)"; }
 """
 
 
-def readme_sbatch_script():
-    """The batch script of the README's Slurm section, exactly as written there."""
+def readme_batch_script(runs):
+    """The README's batch script that RUNS ("srun --mpi=pmi2 dpflow train", "dpflow
+    launch"), exactly as written there."""
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```sh\n(#!/bin/bash\n.*?)```", text, flags=re.S)
-    scripts = [b for b in blocks if "#SBATCH" in b and "srun" in b]
-    assert len(scripts) == 1, f"expected one sbatch script in README.md, found {len(scripts)}"
+    scripts = [b for b in blocks if "#SBATCH" in b and runs in b]
+    assert len(scripts) == 1, f"expected one batch script running {runs!r} in README.md, " \
+                              f"found {len(scripts)}"
     return scripts[0]
 
 
-def slurm_session(tmp_path, driver, timeout):
-    """Run DRIVER (bash) on the login host of a fresh 2-host Slurm cluster, in tmp_path.
+def slurm_session(tmp_path, driver, timeout, hosts=2):
+    """Run DRIVER (bash) on the login host of a fresh Slurm cluster of HOSTS, in tmp_path.
     Returns (stdout, stderr) of the session; fails the test, as a Slurm set-up failure,
     when the cluster could not be brought up."""
     run_id = "s" + secrets.token_hex(4)
     (tmp_path / "driver.sh").write_text(PRELUDE + driver)
     process = subprocess.Popen(
-        [sys.executable, str(CLUSTER), "--slurm", "--hosts", "2", "--run-id", run_id,
+        [sys.executable, str(CLUSTER), "--slurm", "--hosts", str(hosts), "--run-id", run_id,
          "--", "bash", "driver.sh"],
         cwd=tmp_path, env=environment(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -105,6 +113,19 @@ def resumes(output):
         r"resumed from (\S+) at epoch \d+, step (\d+)", output)]
 
 
+def assert_as_one_process(saved, epochs):
+    """The float64 parameters in SAVED are those one process trains in EPOCHS (1e-10)."""
+    single = saved.parent / "one-process.npz"
+    one = subprocess.run([tool("dpflow"), "train", *TRAIN.split(), "--epochs", str(epochs),
+                          "--save", str(single)], capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    got, expected = np.load(saved), np.load(single)
+    assert sorted(got.files) == sorted(expected.files)
+    for name in expected.files:
+        assert got[name].dtype == np.float64
+        np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-10, err_msg=name)
+
+
 def checkpoint_step(path):
     return int(re.search(r"ckpt-(\d+)", str(path)).group(1))
 
@@ -121,15 +142,7 @@ srun --mpi=pmi2 -N 2 -n 4 dpflow train {TRAIN} --epochs 2 --save p4.npz > srun.o
     # 2 ranks on each host: each gets half the host's cores for BLAS, as under mpiexec.
     expected = max(1, len(os.sched_getaffinity(0)) // 2)
     assert f"BLAS threads per rank: {expected}" in log, log
-    one = subprocess.run([tool("dpflow"), "train", *TRAIN.split(), "--epochs", "2",
-                          "--save", "p1.npz"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=120)
-    assert one.returncode == 0, one.stderr
-    four, single = np.load(tmp_path / "p4.npz"), np.load(tmp_path / "p1.npz")
-    assert sorted(four.files) == sorted(single.files)
-    for name in single.files:
-        assert four[name].dtype == np.float64
-        np.testing.assert_allclose(four[name], single[name], rtol=0, atol=1e-10, err_msg=name)
+    assert_as_one_process(tmp_path / "p4.npz", epochs=2)
 
 
 def test_readme_sbatch_script_is_stopped_by_slurm_requeued_resumed_and_ends_bitwise(tmp_path):
@@ -137,7 +150,7 @@ def test_readme_sbatch_script_is_stopped_by_slurm_requeued_resumed_and_ends_bitw
     signal stops the run (checkpoint, 143), the script requeues the job, the requeued job
     resumes; scancel stops it again (checkpoint), a resubmission finishes it; the result is
     bitwise that of one uninterrupted run with the same ranks on the same hosts."""
-    (tmp_path / "dpflow.sbatch").write_text(readme_sbatch_script())
+    (tmp_path / "dpflow.sbatch").write_text(readme_batch_script("srun --mpi=pmi2 dpflow train"))
     out, err = slurm_session(tmp_path, f"""
 # slurmctld sends --signal's warning from a check it makes every 30 s, counted from its
 # start (measured: jobs submitted 9 s and 19 s after it were both signalled at 30 s). A job
@@ -207,12 +220,8 @@ srun -N 2 --ntasks-per-node=2 dpflow train {TRAIN} --epochs 1000 --checkpoint-di
     --stall-timeout 10 > srun.out 2>&1 &
 job=$!
 wait_for 90 "the first checkpoint" test -e ckpt/latest
-# Power node1 off: SIGKILL to the init of its PID namespace kills every process on it.
-python3 -c 'import json, os, signal
-state = json.load(open(os.environ["CLUSTER_STATE"]))
-os.kill(state["hosts"]["node1"]["init_pid"], signal.SIGKILL)'
+kill_host node1
 killed=$SECONDS
-say "killed node1"
 status=0; wait $job || status=$?
 echo "srun exit $status after $((SECONDS - killed)) s" > ended.txt
 sinfo -h -N -o "%N %t" > sinfo.txt
@@ -228,3 +237,43 @@ sinfo -h -N -o "%N %t" > sinfo.txt
                             capture_output=True, text=True, timeout=120)
     assert loaded.returncode == 0, loaded.stderr
     assert re.search(r"accuracy", loaded.stdout + loaded.stderr), loaded
+
+
+def launch_available():
+    done = subprocess.run([tool("dpflow"), "launch", "--help"], capture_output=True)
+    return done.returncode == 0
+
+
+# A batch job that may outlive one of its nodes (--no-kill), with `dpflow launch` in it.
+LAUNCH_SCRIPT = """#!/bin/bash
+#SBATCH --nodes=3
+#SBATCH --ntasks-per-node=1
+#SBATCH --no-kill
+#SBATCH --output=job.out
+dpflow launch --max-restarts 3 --min-hosts 2 -- train "$@"
+"""
+
+
+@pytest.mark.skipif(not launch_available(), reason="`dpflow launch` is not in this checkout")
+def test_dpflow_launch_in_an_allocation_goes_on_with_the_hosts_left_when_one_dies(tmp_path):
+    """`dpflow launch` in a 3-node --no-kill batch job, one rank a node: node1 powered off
+    after the first checkpoint; the job restarts from it on node0 and node2 with the same
+    global batch, completes, and ends where one process ends (float64, 1e-10)."""
+    (tmp_path / "launch.sbatch").write_text(LAUNCH_SCRIPT)
+    out, err = slurm_session(tmp_path, f"""
+jid=$(sbatch --parsable launch.sbatch {TRAIN} --epochs 6 --checkpoint-dir ckpt --save params.npz)
+wait_for 120 "the first checkpoint" test -e ckpt/latest
+kill_host node1
+killed=$SECONDS
+wait_for 240 "the job to end" job_ended $jid
+echo "ended $((SECONDS - killed)) s after node1 was powered off" > ended.txt
+record $jid job.txt
+""", timeout=420, hosts=3)
+    log = (tmp_path / "job.out").read_text()
+    assert "JobState=COMPLETED" in (tmp_path / "job.txt").read_text(), log
+    assert "3 ranks on node0 (1 rank), node1 (1 rank), node2 (1 rank)" in log, log
+    assert re.search(r"dpflow launch: restart 1/\d+: attempt 1 failed .*host node1 did not "
+                     r"answer.*2 ranks on 2 hosts", log), log
+    assert "2 ranks on node0 (1 rank), node2 (1 rank)" in log, log
+    assert "dpflow launch: the job completed" in log, log
+    assert_as_one_process(tmp_path / "params.npz", epochs=6)
