@@ -268,7 +268,7 @@ killed=$SECONDS
 wait_for 240 "the job to end" job_ended $jid
 echo "ended $((SECONDS - killed)) s after node1 was powered off" > ended.txt
 record $jid job.txt
-""", timeout=420, hosts=3)
+""", timeout=900, hosts=3)
     log = (tmp_path / "job.out").read_text()
     assert "JobState=COMPLETED" in (tmp_path / "job.txt").read_text(), log
     assert "3 ranks on node0 (1 rank), node1 (1 rank), node2 (1 rank)" in log, log
