@@ -165,7 +165,7 @@ wait_for 40 "15-22 s into slurmctld's 30-s period" in_window
 jid=$(sbatch --parsable --time=1 --signal=TERM@55 dpflow.sbatch {TRAIN} --epochs 1000)
 log=dpflow-$jid.out
 held() {{ [ "$(job_field $jid Restarts)" -ge 1 ] && [ "$(job_field $jid Reason)" = BeginTime ]; }}
-wait_for 150 "Slurm's signal to stop the job and the script to requeue it" held
+wait_for 300 "Slurm's signal to stop the job and the script to requeue it" held
 record $jid requeued.txt
 cp $log first.out
 # Slurm holds a requeued job for two minutes before starting it again (BeginTime, set once
@@ -173,7 +173,7 @@ cp $log first.out
 scontrol update JobId=$jid StartTime=now
 first=$(cat ckpt/latest)
 moved_on() {{ [ -e ckpt/latest ] && [ "$(cat ckpt/latest)" != "$first" ]; }}
-wait_for 120 "the requeued job to resume and write a newer checkpoint" moved_on
+wait_for 300 "the requeued job to resume and write a newer checkpoint" moved_on
 scancel $jid
 wait_for 90 "scancel to end the job" job_ended $jid
 record $jid cancelled.txt
