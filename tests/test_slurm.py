@@ -173,7 +173,15 @@ cp $log first.out
 scontrol update JobId=$jid StartTime=now
 first=$(cat ckpt/latest)
 moved_on() {{ [ -e ckpt/latest ] && [ "$(cat ckpt/latest)" != "$first" ]; }}
-wait_for 300 "the requeued job to resume and write a newer checkpoint" moved_on
+# BeginTime may be set only after the update above (once the job finished completing):
+# while the job is still pending, release it again every few seconds.
+released_and_moved_on() {{
+    if [ $((SECONDS % 5)) -eq 0 ] && [ "$(job_field $jid JobState)" = PENDING ]; then
+        scontrol update JobId=$jid StartTime=now >/dev/null 2>&1 || true
+    fi
+    moved_on
+}}
+wait_for 300 "the requeued job to resume and write a newer checkpoint" released_and_moved_on
 scancel $jid
 wait_for 90 "scancel to end the job" job_ended $jid
 record $jid cancelled.txt
