@@ -31,7 +31,7 @@ from .data import load_dataset
 from .errors import DataError, DpflowError, TrainingError, UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
-from .launcher import launcher_rank
+from .launcher import launcher_rank, mpich_settings
 from .modelspec import build_model, builder_arguments
 
 
@@ -448,6 +448,7 @@ def main(argv=None):
             return 2
         from .comm import create_communicator
 
+        os.environ.update(mpich_settings())  # read by MPI_Init: before the communicator
         comm = create_communicator()
         with SafetyNet(comm) as safety:
             return COMMANDS[args.command][0](args, comm, safety)
