@@ -26,12 +26,16 @@ def launched_by_mpi(environ=os.environ):
     return _first_int(RANK_VARIABLES + SIZE_VARIABLES, environ) is not None
 
 
+# Set by MPICH's hydra for its ranks, never by Slurm's mpi/pmi2 plugin.
+HYDRA_VARIABLES = ("PMI_HOSTNAME", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
 def started_by_slurm_pmi(environ=os.environ):
     """True when Slurm's mpi/pmi2 plugin started this process (`srun --mpi=pmi2`, or plain
-    `srun` where the cluster sets MpiDefault=pmi2), not hydra (which marks its ranks with
-    HYDI_CONTROL_FD even when srun started its proxies)."""
+    `srun` where the cluster sets MpiDefault=pmi2); not under hydra, whose ranks inherit
+    SLURM_MPI_TYPE and PMI_JOBID when srun started its proxies inside an allocation."""
     return ("PMI_FD" in environ and environ.get("SLURM_MPI_TYPE", "").startswith("pmi2")
-            and "HYDI_CONTROL_FD" not in environ)
+            and not any(name in environ for name in HYDRA_VARIABLES))
 
 
 def mpich_settings(environ=os.environ):

@@ -6,7 +6,11 @@ from dpflow.launcher import mpich_settings, started_by_slurm_pmi
 SRUN_PMI2 = {"PMI_FD": "11", "PMI_JOBID": "1.0", "PMI_RANK": "0", "PMI_SIZE": "4",
              "SLURM_MPI_TYPE": "pmi2", "SLURM_JOB_ID": "1"}
 HYDRA = {"PMI_FD": "9", "PMI_RANK": "0", "PMI_SIZE": "4", "PMI_HOSTNAME": "node0",
-         "HYDI_CONTROL_FD": "7", "MPI_LOCALNRANKS": "2"}
+         "HYDI_CONTROL_FD": "7", "MPI_LOCALNRANKS": "2", "MPI_LOCALRANKID": "0"}
+# mpiexec inside `salloc -N 2`: hydra's proxies started by srun, the ranks by the proxies.
+HYDRA_IN_SLURM = {"PMI_FD": "5", "PMI_RANK": "0", "PMI_SIZE": "4", "PMI_HOSTNAME": "node0",
+                  "MPI_LOCALNRANKS": "2", "MPI_LOCALRANKID": "0", "PMI_JOBID": "1.0",
+                  "SLURM_MPI_TYPE": "pmi2", "SLURM_JOB_ID": "1"}
 
 
 def test_srun_pmi2_gets_the_ofi_netmod():
@@ -19,9 +23,8 @@ def test_a_netmod_the_user_chose_wins():
 
 
 def test_other_launchers_get_nothing():
-    # hydra, also when srun started its proxies inside an allocation (the ranks inherit
-    # the step's SLURM_* variables); srun --mpi=pmix or none; no launcher at all.
-    for environ in (HYDRA, {**HYDRA, "SLURM_MPI_TYPE": "pmi2", "SLURM_JOB_ID": "1"},
+    # hydra, also inside an allocation; srun --mpi=pmix or none; no launcher at all.
+    for environ in (HYDRA, HYDRA_IN_SLURM,
                     {**SRUN_PMI2, "SLURM_MPI_TYPE": "pmix_v4"},
                     {"SLURM_MPI_TYPE": "none", "SLURM_JOB_ID": "1"}, {}):
         assert not started_by_slurm_pmi(environ), environ
