@@ -17,8 +17,10 @@ plugin broke (its errors in a job's output) as that: never as a dpflow result. S
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +309,33 @@ record $jid job.txt
     assert "2 ranks on node0 (1 rank), node2 (1 rank)" in log, log
     assert "dpflow launch: the job completed" in log, log
     assert_as_one_process(tmp_path / "params.npz", epochs=6)
+
+
+def test_ctrl_c_during_a_job_step_removes_slurm_and_the_cluster(tmp_path):
+    """SIGINT (Ctrl-C) to scripts/cluster --slurm while a step runs on both hosts: exit 130,
+    and no daemon, step, namespace, mount or spool directory of the run is left."""
+    run_id = "s" + secrets.token_hex(4)
+    (tmp_path / "driver.sh").write_text(PRELUDE + """
+srun -N 2 sleep 600 &
+running() { [ -n "$(squeue -h -t RUNNING)" ]; }
+wait_for 120 "the step to run" running
+touch running
+wait
+""")
+    process = subprocess.Popen(
+        [sys.executable, str(CLUSTER), "--slurm", "--hosts", "2", "--run-id", run_id,
+         "--", "bash", "driver.sh"],
+        cwd=tmp_path, env=environment(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "running").exists():
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the step did not start within 180 s"
+            time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGINT)
+    status, out, err, seconds = finish(process, timeout=60)
+    assert status == 128 + signal.SIGINT, err
+    assert "stopped by SIGINT; removing the cluster" in err, err
+    assert_nothing_left(run_id, err)
