@@ -21,6 +21,7 @@ Exit status: COMMAND's; 125 (with "slurm set-up failed" and the daemons' logs) w
 could not be brought up, so that a set-up failure is never mistaken for the job's.
 """
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -41,6 +42,14 @@ class SlurmSetupError(Exception):
 
 def log(message):
     print(f"cluster: slurm: {message}", file=sys.stderr, flush=True)
+
+
+def die_with_this_script():
+    """preexec_fn: SIGKILL the daemon when this script dies, even by SIGKILL. This script
+    dies with scripts/cluster (its parent-death signal), so a killed cluster takes munged
+    and slurmctld with it instead of leaving them for --cleanup-stale."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 9)
 
 
 def missing_programs():
@@ -171,7 +180,8 @@ def start(directory, hosts, launcher, run_id):
         ["munged", "--foreground", "--force", f"--socket={socket}", f"--key-file={key}",
          f"--log-file={directory}/log/munged.log", f"--pid-file={munge_dir}/munged.pid",
          f"--seed-file={munge_dir}/munged.seed"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        preexec_fn=die_with_this_script)
 
     def munge_works():
         encoded = subprocess.run(["munge", "-n", "-S", socket], capture_output=True)
@@ -193,7 +203,7 @@ def start(directory, hosts, launcher, run_id):
 
     procs["slurmctld"] = subprocess.Popen(
         ["slurmctld", "-D", "-f", conf], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_this_script)
     for host in hosts:
         # slurmd 22.05 loads its cgroup plugin even when no plugin uses cgroups, and
         # gives up unless /sys/fs/cgroup/systemd is a cgroup file system (`ip netns exec`
