@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cluster import CLUSTER, assert_nothing_left, environment, finish, tool, why_no_cluster
+from test_cluster import (CLUSTER, assert_nothing_left, environment, finish, processes_mentioning,
+                          tool, why_no_cluster)
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_CLUSTER = why_no_cluster()
@@ -311,11 +312,10 @@ record $jid job.txt
     assert_as_one_process(tmp_path / "params.npz", epochs=6)
 
 
-def test_ctrl_c_during_a_job_step_removes_slurm_and_the_cluster(tmp_path):
-    """SIGINT (Ctrl-C) to scripts/cluster --slurm while a step runs on both hosts: exit 130,
-    and no daemon, step, namespace, mount or spool directory of the run is left."""
-    run_id = "s" + secrets.token_hex(4)
+def start_step_and_wait(tmp_path, run_id):
+    """scripts/cluster --slurm with `srun -N 2 sleep 600` running on both hosts."""
     (tmp_path / "driver.sh").write_text(PRELUDE + """
+rm -f running
 srun -N 2 sleep 600 &
 running() { [ -n "$(squeue -h -t RUNNING)" ]; }
 wait_for 120 "the step to run" running
@@ -327,15 +327,37 @@ wait
          "--", "bash", "driver.sh"],
         cwd=tmp_path, env=environment(), stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "running").exists():
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "the step did not start within 180 s"
-            time.sleep(0.2)
-    finally:
-        process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 180
+    while not (tmp_path / "running").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the step did not start within 180 s:\n{process.communicate()}")
+        time.sleep(0.2)
+    return process
+
+
+def test_ctrl_c_or_a_kill_during_a_job_step_leaves_no_slurm_behind(tmp_path):
+    """SIGINT (Ctrl-C) to scripts/cluster --slurm while a step runs on both hosts: exit 130,
+    and no daemon, step, namespace, mount or spool directory of the run is left. SIGKILL:
+    every process of the run dies with it (munged and slurmctld too), and --cleanup-stale
+    removes the names."""
+    run_id = "s" + secrets.token_hex(4)
+    process = start_step_and_wait(tmp_path, run_id)
+    process.send_signal(signal.SIGINT)
     status, out, err, seconds = finish(process, timeout=60)
     assert status == 128 + signal.SIGINT, err
     assert "stopped by SIGINT; removing the cluster" in err, err
+    assert_nothing_left(run_id, err)
+
+    run_id = "s" + secrets.token_hex(4)
+    process = start_step_and_wait(tmp_path, run_id)
+    process.kill()
+    _, _, err, _ = finish(process, timeout=10)
+    deadline = time.monotonic() + 10
+    while processes_mentioning(run_id) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_mentioning(run_id) == []  # slurmctld and munged name the run's files
+    cleanup = subprocess.run([sys.executable, str(CLUSTER), "--cleanup-stale"],
+                             capture_output=True, text=True, timeout=30)
+    assert cleanup.returncode == 0, cleanup.stderr
     assert_nothing_left(run_id, err)
