@@ -26,6 +26,36 @@ def launched_by_mpi(environ=os.environ):
     return _first_int(RANK_VARIABLES + SIZE_VARIABLES, environ) is not None
 
 
+# Set by MPICH's hydra for its ranks, never by Slurm's mpi/pmi2 plugin.
+HYDRA_VARIABLES = ("PMI_HOSTNAME", "MPI_LOCALNRANKS", "HYDI_CONTROL_FD")
+
+
+def started_by_slurm_pmi(environ=os.environ):
+    """True when Slurm's mpi/pmi2 plugin started this process (`srun --mpi=pmi2`, or plain
+    `srun` where the cluster sets MpiDefault=pmi2); not under hydra, whose ranks inherit
+    SLURM_MPI_TYPE and PMI_JOBID when srun started its proxies inside an allocation."""
+    return ("PMI_FD" in environ and environ.get("SLURM_MPI_TYPE", "").startswith("pmi2")
+            and not any(name in environ for name in HYDRA_VARIABLES))
+
+
+def mpich_settings(environ=os.environ):
+    """MPICH settings this process needs before MPI starts and does not have: {name: value}.
+
+    Under Slurm's mpi/pmi2 plugin: the OFI netmod, not UCX. The plugin reads each PMI-1
+    request with one read() of at most 1024 bytes, yet advertises 1024-byte values; the
+    MPICH wheel's PMI-1 client (it has no PMI-2 one) sends values up to that size plus the
+    command and key. A longer request is cut in two: the plugin keeps a truncated value,
+    rejects the rest ("request not begin with 'cmd='"), and MPI_Init fails or hangs. UCX's
+    address exchange sends 511-byte slices of padded addresses, hex-encoded and run-length
+    compressed; the padding is leftover heap, so whether a slice passes the limit depends
+    on the environment. OFI sends one short address per node (16 bytes over TCP).
+    A netmod the user chose wins.
+    """
+    if started_by_slurm_pmi(environ) and "MPIR_CVAR_CH4_NETMOD" not in environ:
+        return {"MPIR_CVAR_CH4_NETMOD": "ofi"}
+    return {}
+
+
 def launcher_rank(environ=os.environ):
     """This process's rank as the launcher exported it; 0 without a launcher."""
     return _first_int(RANK_VARIABLES, environ) or 0

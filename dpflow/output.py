@@ -22,6 +22,16 @@ def describe_hosts(comm):
     return ", ".join(f"{host} ({n} rank{'s' if n > 1 else ''})" for host, n in counts.items())
 
 
+def mpi_description(comm):
+    """The MPI library, and MPICH's netmod when one was chosen (dpflow chooses OFI under
+    `srun --mpi=pmi2`; see `launcher.mpich_settings`)."""
+    library = comm.library()
+    netmod = os.environ.get("MPIR_CVAR_CH4_NETMOD")
+    if netmod and str(library).startswith("MPICH"):
+        return f"{library} (netmod {netmod})"
+    return library
+
+
 def banner_lines(trainer, comm, hosts):
     """What this run is: versions, MPI and hosts, data, model, batch, lr and threads."""
     config = trainer.config
@@ -29,7 +39,7 @@ def banner_lines(trainer, comm, hosts):
     share = f"{min(per_rank)}" if min(per_rank) == max(per_rank) else f"{min(per_rank)}-{max(per_rank)}"
     data = trainer.data
     lines = [
-        f"dpflow {__version__} | MPI: {comm.library()} | {comm.size} rank{'s' if comm.size > 1 else ''} on {hosts}",
+        f"dpflow {__version__} | MPI: {mpi_description(comm)} | {comm.size} rank{'s' if comm.size > 1 else ''} on {hosts}",
         f"data: {data.name}, {data.n_train} train"
         + (f" + {len(data.validation_rows)} validation" if data.validation_rows is not None else "")
         + f" / {len(data.y_test)} test rows, "
@@ -229,7 +239,7 @@ def info_lines(comm, hosts, threads):
         f"python      {platform.python_version()}",
         f"numpy       {np.__version__}",
         f"mpi4py      {mpi4py_version()}",
-        f"MPI         {comm.library()}",
+        f"MPI         {mpi_description(comm)}",
         f"world size  {comm.size}",
         f"hosts       {hosts}",
         f"BLAS        {_threads.blas_description()}, {' or '.join(map(str, sorted(set(threads), key=str)))} "

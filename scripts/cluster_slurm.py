@@ -21,6 +21,7 @@ Exit status: COMMAND's; 125 (with "slurm set-up failed" and the daemons' logs) w
 could not be brought up, so that a set-up failure is never mistaken for the job's.
 """
 
+import ctypes
 import os
 import shlex
 import shutil
@@ -41,6 +42,14 @@ class SlurmSetupError(Exception):
 
 def log(message):
     print(f"cluster: slurm: {message}", file=sys.stderr, flush=True)
+
+
+def die_with_this_script():
+    """preexec_fn: SIGKILL the daemon when this script dies, even by SIGKILL. This script
+    dies with scripts/cluster (its parent-death signal), so a killed cluster takes munged
+    and slurmctld with it instead of leaving them for --cleanup-stale."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, 9)
 
 
 def missing_programs():
@@ -154,7 +163,7 @@ def wait_for(condition, seconds, what, procs):
         time.sleep(0.2)
 
 
-def start(directory, hosts, launcher):
+def start(directory, hosts, launcher, run_id):
     """Bring munge and Slurm up; return (environment for COMMAND, daemon processes)."""
     for sub in ("ctld", "log", "munge", *(f"spool/{h}" for h in hosts)):
         os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
@@ -171,7 +180,8 @@ def start(directory, hosts, launcher):
         ["munged", "--foreground", "--force", f"--socket={socket}", f"--key-file={key}",
          f"--log-file={directory}/log/munged.log", f"--pid-file={munge_dir}/munged.pid",
          f"--seed-file={munge_dir}/munged.seed"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+        preexec_fn=die_with_this_script)
 
     def munge_works():
         encoded = subprocess.run(["munge", "-n", "-S", socket], capture_output=True)
@@ -193,20 +203,24 @@ def start(directory, hosts, launcher):
 
     procs["slurmctld"] = subprocess.Popen(
         ["slurmctld", "-D", "-f", conf], env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, preexec_fn=die_with_this_script)
     for host in hosts:
         # slurmd 22.05 loads its cgroup plugin even when no plugin uses cgroups, and
-        # gives up when /sys/fs/cgroup holds no file system (`ip netns exec` mounts a
-        # fresh /sys without it). An empty tmpfs there, in this host's mount namespace
-        # only, satisfies it and gives Slurm no access to the machine's real cgroups.
+        # gives up unless /sys/fs/cgroup/systemd is a cgroup file system (`ip netns exec`
+        # mounts a fresh /sys without any). A tmpfs there with a new, empty, named cgroup
+        # hierarchy of this run, in this host's mount namespace only, satisfies it and
+        # gives Slurm no access to the machine's real cgroups; the kernel drops the
+        # hierarchy when the host's last mount of it goes.
         # The ssh stand-in joins its arguments into one shell line, as ssh does.
+        on_host = " && ".join([
+            "mount -t tmpfs -o size=1m,mode=755 slurm-no-cgroups /sys/fs/cgroup",
+            "mkdir /sys/fs/cgroup/systemd",
+            f"mount -t cgroup -o none,name=dpflow-{run_id} slurm-no-cgroups "
+            "/sys/fs/cgroup/systemd",
+            "exec " + shlex.join(["env", f"SLURM_CONF={conf}", "slurmd", "-D", "-f", conf,
+                                  "-N", host])])
         procs[f"slurmd on {host}"] = subprocess.Popen(
-            [launcher, host,
-             "mount -t tmpfs -o size=1m,mode=755 slurm-no-cgroups /sys/fs/cgroup && "
-             "mkdir /sys/fs/cgroup/systemd && mount -t cgroup -o none,name=dpflowslurm slurm-no-cgroups /sys/fs/cgroup/systemd && exec "
-             + shlex.join(["env", f"SLURM_CONF={conf}", "slurmd", "-D", "-f", conf,
-                           "-N", host])],
-            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            [launcher, host, on_host], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT)
 
     def all_idle():
@@ -228,7 +242,8 @@ def main(argv):
     directory = os.path.join(os.path.dirname(os.environ["CLUSTER_STATE"]), "slurm")
     started = time.monotonic()
     try:
-        env, procs = start(directory, hosts, os.environ["CLUSTER_LAUNCHER"])
+        env, procs = start(directory, hosts, os.environ["CLUSTER_LAUNCHER"],
+                           os.environ["CLUSTER_RUN_ID"])
     except (SlurmSetupError, OSError) as error:
         log(f"error: slurm set-up failed: {error}\n{logs_tail(directory)}")
         return SETUP_ERROR
