@@ -178,7 +178,11 @@ class MSE(Loss):
 
 
 class SoftmaxCrossEntropy(Loss):
-    """L = sum_i -log softmax(z_i)[label_i] / normaliser, softmax fused in for stability."""
+    """L = sum_i -log softmax(z_i)[label_i] / normaliser, softmax fused in for stability.
+
+    The work runs on a transposed copy of the logits, (n_classes, batch): numpy reduces a
+    short inner axis one row at a time, so the per-row max and sum over 10 classes took 25-70
+    and 11-20 us for 128-256 rows, against about 1 us each over the outer axis."""
 
     def __init__(self, labels, logits, name=None):
         super().__init__([labels, logits], name=name)
@@ -203,22 +207,36 @@ class SoftmaxCrossEntropy(Loss):
                 self, f"label {bad} is outside 0..{n_classes - 1}",
                 f"labels must index one of the {n_classes} classes",
             )
-        shifted = np.subtract(z, z.max(axis=1, keepdims=True) if rows else 0,
-                              out=self.scratch("shifted", z.shape, z.dtype))
-        probs = np.exp(shifted, out=self.scratch("probs", z.shape, z.dtype))
-        sums = probs.sum(axis=1, keepdims=True)  # (batch, 1)
-        row_index = np.arange(rows)
+        shifted = self.scratch("shifted", (n_classes, rows), z.dtype)  # (n_classes, batch)
+        np.copyto(shifted, z.T)
+        if rows:
+            shifted -= shifted.max(axis=0)
+        probs = np.exp(shifted, out=self.scratch("probs", (n_classes, rows), z.dtype))
+        sums = probs.sum(axis=0)  # (batch,)
+        # Where each row's label sits in the flattened (n_classes, batch) arrays.
+        label_index = self.scratch("label_index", (rows,), np.intp)
+        np.copyto(label_index, labels, casting="unsafe")  # uint8 labels (IDX files) too
+        label_index *= rows
+        label_index += self.row_index(rows)
+        self.label_index = label_index
         # -log p[label] = log(sum(exp(shifted))) - shifted[label]
-        self.loss_sum = float(np.log(sums).sum() - shifted[row_index, labels].sum())
+        self.loss_sum = float(np.log(sums).sum() - shifted.reshape(-1)[self.label_index].sum())
         probs /= sums
-        self.probs, self.labels, self.row_index = probs, labels, row_index
+        self.probs, self.labels = probs, labels
         self.value = z.dtype.type(self.loss_sum / self.divisor(rows))
 
+    def row_index(self, rows):
+        index = self._scratch.get(("rows", rows))
+        if index is None:
+            index = self._scratch[("rows", rows)] = np.arange(rows)
+        return index
+
     def backward(self):
-        """dL/dz = (softmax(z) - onehot(label)) / normaliser, written over the probabilities
-        (forward's scratch, which nothing reads after backward): no copy."""
+        """dL/dz = (softmax(z) - onehot(label)) / normaliser, the onehot subtracted over the
+        probabilities (forward's scratch, which nothing reads after backward)."""
         logits_layer = self.inbound_layers[1]
-        grad = self.probs
-        grad[self.row_index, self.labels] -= 1
-        grad /= self.divisor(len(self.labels))
+        probs = self.probs  # (n_classes, batch)
+        probs.reshape(-1)[self.label_index] -= 1
+        grad = self.gradient_target(logits_layer, probs.shape[::-1], probs.dtype)  # (batch, n_classes)
+        np.divide(probs.T, self.divisor(len(self.labels)), out=grad)
         self.gradients[logits_layer] = grad
