@@ -58,13 +58,6 @@ class Linear(Layer):
             self.ones(grad.shape[0], grad.dtype), grad,
             out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
 
-    def ones(self, rows, dtype):
-        key = ("ones", rows, np.dtype(dtype))
-        ones = self._scratch.get(key)
-        if ones is None:
-            ones = self._scratch[key] = np.ones(rows, dtype)
-        return ones
-
 
 class Activation(Layer):
     """An element-wise function of one inbound layer: `compute` is the function, `chain`
