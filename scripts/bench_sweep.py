@@ -587,6 +587,13 @@ def kernels_section(data):
         tried.append(f"scipy's saxpy does the SGD update in {saxpy:.0f} us against {update:.0f} us, but a BLAS may fuse the "
                      "multiply and the add into one rounding where numpy rounds twice, so ranks on different CPUs could "
                      "hold different parameters: not used.")
+    for pass_name, what in (("row gather", "The row gather with np.take's default mode=raise (a temporary, then a copy)"),
+                            (f"SGD update, {size}", "The update through a third buffer"),
+                            ("bias gradient, 512 wide", "The bias gradient as grad.sum(axis=0)")):
+        before, now = us(pass_name, "(before)"), us(pass_name, "(dpflow)")
+        if before is not None and now is not None:
+            tried.append(f"{what} took {before:.1f} us; what dpflow does now takes {now:.1f} us "
+                         f"({'saving' if now < before else 'costing'} {abs(before - now):.1f} us, {share(abs(before - now))}).")
     gemm_bias, numpy_bias = us("first layer: X @ W + b", "beta=1"), us("first layer: X @ W + b", "(dpflow)")
     if gemm_bias is not None:
         tried.append(f"The bias added by the GEMM itself (scipy sgemm, beta=1 onto the bias) takes {gemm_bias:.0f} us "
