@@ -59,11 +59,15 @@ def dpflow_command(flavor):
     return [os.path.join(venv, "bin", "dpflow")]
 
 
-def run_json(command, env, timeout=600):
+class RunFailed(Exception):
+    pass
+
+
+def run_json(command, env, timeout=600, fail=sys.exit):
     """The last stdout line of `command`, parsed, with the load average at its end."""
     completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     if completed.returncode != 0:
-        sys.exit(f"benchmark failed: {' '.join(command)}\n{completed.stderr[-3000:]}")
+        fail(f"benchmark failed: {' '.join(command)}\n{completed.stderr[-3000:]}")
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     if isinstance(result, dict):
         result["load"] = load_average()
@@ -255,13 +259,27 @@ def measure_peers(args, repeats, steps, warmup):
         result = median_of([run_json([python, script, "--threads", str(threads), *common], bench_env(threads))
                             for _ in range(repeats)])
         runs["torch"].append(say(f"PyTorch one process, {threads} thread(s)", result))
+    runs["failed"] = []
     for ranks in (1, 2, 4):
         command = [os.path.join(venv, "bin", "torchrun"), "--standalone", "--nproc-per-node", str(ranks), script,
                    "--ddp", *common]
-        result = median_of([run_json(command, bench_env()) for _ in range(repeats)])
-        runs["torch"].append(say(f"PyTorch DDP (gloo), {ranks} rank(s)", result))
+        results, failures = [], 0
+        while len(results) < repeats and failures < 3:  # a peer's crash ends its row, not the sweep
+            try:
+                results.append(run_json(command, bench_env(), fail=raise_failure))
+            except RunFailed as failure:
+                failures += 1
+                print(f"  PyTorch DDP (gloo), {ranks} rank(s) failed: {str(failure)[-300:]}", flush=True)
+        if results:
+            runs["torch"].append(say(f"PyTorch DDP (gloo), {ranks} rank(s)", median_of(results, failures=failures)))
+        else:
+            runs["failed"].append(f"PyTorch DDP (gloo) at {ranks} ranks failed {failures} times")
     runs["available"] = True
     return runs
+
+
+def raise_failure(message):
+    raise RunFailed(message)
 
 
 def measure_cluster(args, steps, warmup):
@@ -534,6 +552,10 @@ def peers_section(data, one, two, four):
     lines.append("")
     if not peers.get("available"):
         lines += [f"PyTorch was not measured: {peers['reason']}.", ""]
+    failed = [f"{r['peer']} at {r['world_size']} rank(s) crashed in {r['failures']} run(s) and was run again"
+              for r in peers.get("torch", []) if r.get("failures")] + peers.get("failed", [])
+    if failed:
+        lines += ["In this run " + "; ".join(failed) + ".", ""]
     return lines
 
 
