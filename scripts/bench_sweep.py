@@ -351,6 +351,11 @@ def find(runs, **match):
     return next(r for r in runs if all(r.get(k) == v for k, v in match.items()))
 
 
+def printable(text):
+    """`text` without the control characters a library's version string may carry."""
+    return "".join(ch for ch in text if ch.isprintable()).strip()
+
+
 def verdict(ok):
     return "met" if ok else "**not met**"
 
@@ -425,7 +430,7 @@ def write_report(path, data):
         "",
         f"- {facts['cpu']}, {facts['cores']} cores, {facts['memory_gib']} GiB",
         f"- Python {facts['python']}, numpy {versions['numpy']}, mpi4py {versions['mpi4py']}, {versions['mpi']}"
-        + (f"; {facts['openmpi']}" if facts.get("openmpi") else ""),
+        + (f"; {printable(facts['openmpi'])}" if facts.get("openmpi") else ""),
         f"- BLAS in the benchmark runs: {versions['blas']} (internal API, version, kernel, threads), with "
         f"{', '.join(SLOW_BLAS_VARIABLES)} unset for the benchmark commands only; as this machine sets them "
         f"({facts['blas_variables_on_machine']}): {machine['blas'] if isinstance(machine, dict) else '?'}",
@@ -744,9 +749,13 @@ def cluster_section(cluster, failed=None):
             f"({worst['rate']} at {worst['hosts']} hosts), splits so: "
             f"predicted compute {worst['predicted']['compute_ms']:.2f} ms and allreduce "
             f"{worst['predicted']['comm_s'] * 1e3:.2f} ms; measured, {worst['measured']['step_ms'] - worst['measured']['sync_ms']:.2f} ms "
-            f"outside the sync wait and {worst['measured']['sync_ms']:.2f} ms in it, of which the allreduce alone "
-            f"(after a barrier) is {worst['measured']['sync_alone_ms']:.2f} ms and the rest waiting for the slower rank; "
-            f"the raw Allreduce {worst['measured']['raw_allreduce_ms']:.2f} ms.", "",
+            f"outside the sync wait and {worst['measured']['sync_ms']:.2f} ms in it; "
+            + (f"of that, the allreduce alone (after a barrier) is {worst['measured']['sync_alone_ms']:.2f} ms and the "
+               f"rest waiting for the slower rank"
+               if worst['measured']['sync_alone_ms'] <= worst['measured']['sync_ms'] else
+               f"the allreduce alone, timed back to back after a barrier, took longer: "
+               f"{worst['measured']['sync_alone_ms']:.2f} ms (the links' token buckets refill while the ranks compute)")
+            + f"; the raw Allreduce {worst['measured']['raw_allreduce_ms']:.2f} ms.", "",
         ]
     overlap = cluster.get("overlap") or []
     if overlap:
