@@ -65,6 +65,10 @@ def add_bench_arguments(parser):
                         help="node counts --predict predicts for (default %(default)s)")
     parser.add_argument("--network-gbps", default=",".join(map(str, NETWORKS_GBPS)),
                         help="link rates in Gbit/s --predict predicts for (default %(default)s)")
+    parser.add_argument("--host-gbs", type=float, default=None, metavar="GB/S",
+                        help="for --predict: the bandwidth the hosts' own network stack reaches, in GB/s (the "
+                             "host_gb_s --predict --json reports on an unshaped link); a link faster than it "
+                             "is modelled at it (default: the links' 90%% of line rate alone)")
     parser.add_argument("--network-alpha-us", type=float, default=None,
                         help="per-message latency of the cluster network for --predict, in "
                              "microseconds (default: the value measured here, at least 25)")
@@ -210,6 +214,8 @@ def run_bench(args, comm):
     if config.batch_size < comm.size:
         raise UsageError(f"--batch-size {config.batch_size} must be >= the number of ranks ({comm.size})")
     shape = example_shape(args, config)
+    if args.host_gbs is not None and not args.host_gbs > 0:
+        raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
     if args.predict:
         return run_predict(args, config, shape, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
@@ -359,7 +365,7 @@ def compute_seconds(config, comm, shape):
         trainer.train_step(permutation, batch)
     comm.barrier()
     started = time.perf_counter()
-    steps = 20
+    steps = 60  # with 20, a loaded machine's noise swung the compute time by a third
     for _ in range(steps):
         trainer.train_step(permutation, batch)
     elapsed = np.array([(time.perf_counter() - started) / steps])
@@ -376,6 +382,7 @@ def run_predict(args, config, shape, comm):
     networks = positive_list(args.network_gbps, "--network-gbps", float)
     curve = measure_allreduce_curve(comm, np.float32)
     alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
+    host_beta = costmodel.bulk_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
     network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
                      else max(alpha, 25e-6))
     # The model asked for, and for an mlp one with hidden layers 5x as wide (about 10x the
@@ -388,16 +395,17 @@ def run_predict(args, config, shape, comm):
         label = "MLP " + "-".join(map(str, [*shape, *each.hidden, each.classes])) if each.model == "mlp" else each.model
         seconds, grad_bytes = compute_seconds(each, comm, shape)
         for gbps in networks:
-            net_beta = costmodel.line_rate_beta(gbps)
+            net_beta = costmodel.network_beta(gbps, 1e-9 / args.host_gbs if args.host_gbs else 0.0)
             crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta)
             for nodes in node_counts:
                 prediction = costmodel.predict(nodes, grad_bytes, seconds, network_alpha, net_beta)
                 rows.append({"model": label, "params_mb": grad_bytes / 1e6, "compute_ms": 1e3 * seconds,
-                             "gbps": gbps, "crossover_nodes": crossover, **prediction})
+                             "gbps": gbps, "beta_gb_s": 1e-9 / net_beta, "host_bound": net_beta > costmodel.line_rate_beta(gbps),
+                             "crossover_nodes": crossover, **prediction})
     if comm.is_root:
         report = {"measured": {"world_size": comm.size, "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
-                               "curve": curve},
-                  "network_alpha_us": network_alpha * 1e6, "per_node_batch": config.batch_size,
+                               "curve": curve, "host_gb_s": 1e-9 / host_beta if host_beta else None},
+                  "network_alpha_us": network_alpha * 1e6, "host_gbs": args.host_gbs, "per_node_batch": config.batch_size,
                   "predictions": rows}
         if args.json:
             print(json.dumps(report))
@@ -410,9 +418,11 @@ def format_prediction(report):
     measured = report["measured"]
     lines = [
         f"allreduce measured here on {measured['world_size']} ranks: alpha {measured['alpha_us']:.2f} us, "
-        f"bandwidth 1/beta {measured['beta_gb_s']:.2f} GB/s",
-        f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at 90% of line rate; "
-        f"weak scaling, {report['per_node_batch']} samples per node per step, no overlap",
+        f"bandwidth 1/beta {measured['beta_gb_s']:.2f} GB/s "
+        f"(at its largest message, {measured['host_gb_s']:.2f} GB/s)",
+        f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at 90% of line rate"
+        + (f" or the hosts' own {report['host_gbs']:g} GB/s, whichever is slower; " if report["host_gbs"] else "; ")
+        + f"weak scaling, {report['per_node_batch']} samples per node per step, no overlap",
         "",
         f"{'model':<22} {'grad MB':>8} {'Gb/s':>5} {'nodes':>6} {'compute ms':>11} {'allreduce ms':>13} "
         f"{'step ms':>9} {'efficiency':>10}  algorithm",

@@ -82,14 +82,6 @@ class Conv2D(Layer):
         array[:, p:p + h, p:p + w, :] = x
         return array
 
-    def ones(self, n, dtype):
-        """A vector of n ones, made once (sums over rows as matrix-vector products)."""
-        key = ("ones", n, np.dtype(dtype))
-        array = self._scratch.get(key)
-        if array is None:
-            array = self._scratch[key] = np.ones(n, dtype)
-        return array
-
     def forward(self):
         X, W, b = (layer.value for layer in self.inbound_layers)
         out_h, out_w = self.check_shapes(X, W, b)

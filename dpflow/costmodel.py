@@ -71,3 +71,17 @@ def crossover_nodes(grad_bytes, compute_seconds, alpha, beta, limit=1 << 20):
 def line_rate_beta(gigabits_per_second, efficiency=0.9):
     """Seconds per byte of a network link running at `efficiency` of its line rate."""
     return 8.0 / (gigabits_per_second * 1e9 * efficiency)
+
+
+def bulk_beta(sizes_bytes, seconds, p):
+    """Seconds per byte at the largest measured message, counted as the ring moves it
+    (2 (p-1)/p n bytes per rank): the bandwidth these hosts' own allreduce reaches, which no
+    faster network link can improve on (on shared cores the TCP stack, not the link, was the
+    limit: see BENCHMARKS.md)."""
+    largest = int(np.argmax(sizes_bytes))
+    return seconds[largest] / (2 * (p - 1) / p * sizes_bytes[largest]) if p > 1 else 0.0
+
+
+def network_beta(gigabits_per_second, host_beta):
+    """The slower of the link at 90% of its line rate and the hosts' own bandwidth."""
+    return max(line_rate_beta(gigabits_per_second), host_beta)

@@ -423,5 +423,8 @@ def gather(x, rows, normalizer, out):
     if isinstance(rows, slice) or isinstance(x, np.memmap) or x.dtype != out.dtype:
         out[...] = x[rows]
     else:
-        np.take(x, rows, axis=0, out=out)  # no temporary
+        # mode="clip" (the rows are a permutation's or a split's, always in range): with the
+        # default "raise", np.take gathers into a temporary and copies it into `out`, a
+        # second pass (128 rows of 784 float32: 26 us against 6).
+        np.take(x, rows, axis=0, out=out, mode="clip")
     return normalizer(out)

@@ -55,9 +55,16 @@ class FlatParameters:
         return [self.view(self.grads, name) for name in self.names]
 
 
-def all_finite(buffer):
+def squared_norm(buffer):
+    """sum(buffer ** 2) as a float, in one BLAS pass; inf or NaN when an entry is, or when the
+    squares overflow."""
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected, and handled
+        return float(np.dot(buffer, buffer))
+
+
+def all_finite(buffer, squared=None):
     """True when no entry of `buffer` is NaN or infinite; exact, so every rank holding the
-    same bytes gets the same answer.
+    same bytes gets the same answer. `squared`: `squared_norm(buffer)`, if already known.
 
     One BLAS dot product (one pass over memory) settles the common case: a NaN or an inf
     anywhere makes it non-finite in any summation order, so a finite result proves every
@@ -66,7 +73,6 @@ def all_finite(buffer):
     """
     if buffer.size == 0:
         return True
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is expected, and handled
-        if math.isfinite(float(np.dot(buffer, buffer))):
-            return True
+    if math.isfinite(squared_norm(buffer) if squared is None else squared):
+        return True
     return math.isfinite(float(buffer.max())) and math.isfinite(float(buffer.min()))

@@ -56,6 +56,14 @@ class Layer:
             array = self._scratch[key] = empty_nchw(shape, dtype, channels_last)
         return array
 
+    def ones(self, n, dtype):
+        """A vector of n ones, made once (sums over rows as matrix-vector products)."""
+        key = ("ones", n, np.dtype(dtype))
+        array = self._scratch.get(key)
+        if array is None:
+            array = self._scratch[key] = np.ones(n, dtype)
+        return array
+
     def scratch_like(self, role, x, dtype=None):
         """A reusable array with the shape and memory layout of `x`."""
         return self.scratch(role, x.shape, x.dtype if dtype is None else dtype, is_channels_last(x))

@@ -52,13 +52,20 @@ class Linear(Layer):
         self.gradients[W_layer] = np.matmul(
             X.T, grad, out=self.gradient_target(W_layer, W.shape, grad.dtype))  # (n_in, n_out)
         # The bias rule: a sum over the rows of the batch; dpflow sums once more over ranks.
-        self.gradients[b_layer] = grad.sum(
-            axis=0, out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
+        # As ones @ grad, one BLAS pass: numpy's grad.sum(axis=0) adds row by row (a
+        # 784-512-256-10 step, paired: 1.4% faster at 256 rows, 2.3% at 128).
+        self.gradients[b_layer] = np.matmul(
+            self.ones(grad.shape[0], grad.dtype), grad,
+            out=self.gradient_target(b_layer, (W.shape[1],), grad.dtype))  # (n_out,)
 
 
 class Activation(Layer):
     """An element-wise function of one inbound layer: `compute` is the function, `chain`
-    multiplies the incoming gradient by its derivative."""
+    multiplies the incoming gradient by its derivative. `chains_in_place`: `chain` may be
+    given the incoming gradient itself as `out` (it reads each element of `grad` before it
+    writes the same element of `out`)."""
+
+    chains_in_place = False
 
     def __init__(self, inbound, name=None):
         super().__init__([inbound], name=name)
@@ -71,14 +78,22 @@ class Activation(Layer):
 
     def backward(self):
         inbound = self.inbound_layers[0]
-        out = self.gradient_target(inbound, self.value.shape, self.value.dtype,
-                                   is_channels_last(self.value))
         grad = self.output_gradient()
+        if self.chains_in_place and grad is not None and self.owns_output_gradient():
+            out = grad  # one buffer fewer on the hot path (a 784-512-256-10 step: 1.5% faster)
+        else:
+            out = self.gradient_target(inbound, self.value.shape, self.value.dtype,
+                                       is_channels_last(self.value))
         if grad is None:
             out.fill(0)
         else:
             self.chain(grad, out)
         self.gradients[inbound] = out
+
+    def owns_output_gradient(self):
+        """Whether the gradient sent back to this layer is an array no other layer reads: a
+        Linear's, written for this layer alone (an Add hands one array to all its inputs)."""
+        return len(self.outbound_layers) == 1 and type(self.outbound_layers[0]) is Linear
 
 
 class Sigmoid(Activation):
@@ -116,6 +131,8 @@ class ReLU(Activation):
     backward pass reuses it, and float-by-float multiplies run at SIMD speed where
     float-by-bool ones go through a casting loop (for 256 x 512 float32: forward 29 against
     26 us with a bool mask, backward 14 against 22; np.maximum alone takes 40)."""
+
+    chains_in_place = True
 
     def compute(self, x, out):
         self.positive = np.greater(x, 0, out=self.scratch_like("mask", x, x.dtype), casting="unsafe")
@@ -178,7 +195,11 @@ class MSE(Loss):
 
 
 class SoftmaxCrossEntropy(Loss):
-    """L = sum_i -log softmax(z_i)[label_i] / normaliser, softmax fused in for stability."""
+    """L = sum_i -log softmax(z_i)[label_i] / normaliser, softmax fused in for stability.
+
+    The work runs on a transposed copy of the logits, (n_classes, batch): numpy reduces a
+    short inner axis one row at a time, so the per-row max and sum over 10 classes took 25-70
+    and 11-20 us for 128-256 rows, against about 1 us each over the outer axis."""
 
     def __init__(self, labels, logits, name=None):
         super().__init__([labels, logits], name=name)
@@ -203,22 +224,36 @@ class SoftmaxCrossEntropy(Loss):
                 self, f"label {bad} is outside 0..{n_classes - 1}",
                 f"labels must index one of the {n_classes} classes",
             )
-        shifted = np.subtract(z, z.max(axis=1, keepdims=True) if rows else 0,
-                              out=self.scratch("shifted", z.shape, z.dtype))
-        probs = np.exp(shifted, out=self.scratch("probs", z.shape, z.dtype))
-        sums = probs.sum(axis=1, keepdims=True)  # (batch, 1)
-        row_index = np.arange(rows)
+        shifted = self.scratch("shifted", (n_classes, rows), z.dtype)  # (n_classes, batch)
+        np.copyto(shifted, z.T)
+        if rows:
+            shifted -= shifted.max(axis=0)
+        probs = np.exp(shifted, out=self.scratch("probs", (n_classes, rows), z.dtype))
+        sums = probs.sum(axis=0)  # (batch,)
+        # Where each row's label sits in the flattened (n_classes, batch) arrays.
+        label_index = self.scratch("label_index", (rows,), np.intp)
+        np.copyto(label_index, labels, casting="unsafe")  # uint8 labels (IDX files) too
+        label_index *= rows
+        label_index += self.row_index(rows)
+        self.label_index = label_index
         # -log p[label] = log(sum(exp(shifted))) - shifted[label]
-        self.loss_sum = float(np.log(sums).sum() - shifted[row_index, labels].sum())
+        self.loss_sum = float(np.log(sums).sum() - shifted.reshape(-1)[self.label_index].sum())
         probs /= sums
-        self.probs, self.labels, self.row_index = probs, labels, row_index
+        self.probs, self.labels = probs, labels
         self.value = z.dtype.type(self.loss_sum / self.divisor(rows))
 
+    def row_index(self, rows):
+        index = self._scratch.get(("rows", rows))
+        if index is None:
+            index = self._scratch[("rows", rows)] = np.arange(rows)
+        return index
+
     def backward(self):
-        """dL/dz = (softmax(z) - onehot(label)) / normaliser, written over the probabilities
-        (forward's scratch, which nothing reads after backward): no copy."""
+        """dL/dz = (softmax(z) - onehot(label)) / normaliser, the onehot subtracted over the
+        probabilities (forward's scratch, which nothing reads after backward)."""
         logits_layer = self.inbound_layers[1]
-        grad = self.probs
-        grad[self.row_index, self.labels] -= 1
-        grad /= self.divisor(len(self.labels))
+        probs = self.probs  # (n_classes, batch)
+        probs.reshape(-1)[self.label_index] -= 1
+        grad = self.gradient_target(logits_layer, probs.shape[::-1], probs.dtype)  # (batch, n_classes)
+        np.divide(probs.T, self.divisor(len(self.labels)), out=grad)
         self.gradients[logits_layer] = grad

@@ -27,7 +27,7 @@ from .config import early_stop_metric
 from .data import gather
 from .errors import Interrupted, TrainingError, UsageError
 from .evaluation import evaluate
-from .flat import all_finite
+from .flat import all_finite, squared_norm
 from .graph import backward_pass, forward_pass
 from .modelspec import build_model, builder_arguments
 from .noise import NoiseScale, local_term, step_estimate
@@ -321,7 +321,10 @@ class Trainer:
         """(global mean loss, whether the step may update): the reduced buffer is the same on
         every rank, so every rank decides alike. Raises on a non-finite step unless skipping."""
         global_loss = float(self.flat.extra[LOSS_SLOT]) / global_rows
-        finite = math.isfinite(global_loss) and all_finite(self.flat.param_grads)  # exact
+        # The squared norm of the reduced gradient: the check's one pass, which the noise
+        # scale reads too (no second pass on the steps that measure it).
+        self.grad_squared = squared_norm(self.flat.param_grads)
+        finite = math.isfinite(global_loss) and all_finite(self.flat.param_grads, self.grad_squared)  # exact
         if finite:
             return global_loss, True
         if self.config.on_nonfinite == "stop":
@@ -340,9 +343,7 @@ class Trainer:
         global gradient. Every rank knows every piece's rows, so nothing more is sent."""
         pieces = [len(range(*shard_bounds(stop - start, rank, self.comm.size)))
                   for start, stop in micro_batches for rank in range(self.comm.size)]
-        grads = self.flat.param_grads
-        measured = step_estimate(float(self.flat.extra[NOISE_SLOT]), pieces, float(np.dot(grads, grads)),
-                                 global_rows)
+        measured = step_estimate(float(self.flat.extra[NOISE_SLOT]), pieces, self.grad_squared, global_rows)
         if measured is not None:
             self.noise.add(*measured)
 

@@ -30,3 +30,13 @@ def test_prediction_and_crossover():
     crossover = costmodel.crossover_nodes(2e6, 5e-3, 25e-6, beta)
     assert costmodel.allreduce_seconds(crossover, 2e6, 25e-6, beta)[0] >= 5e-3
     assert costmodel.allreduce_seconds(crossover // 2, 2e6, 25e-6, beta)[0] < 5e-3
+
+
+def test_the_hosts_own_bandwidth_bounds_a_faster_link():
+    sizes = [2**k for k in range(3, 25, 2)]
+    times = [costmodel.ring_seconds(4, n, 7e-6, 1e-9) for n in sizes]
+    host = costmodel.bulk_beta(sizes, times, p=4)  # the largest message: alpha is negligible
+    assert host == pytest.approx(1e-9, rel=1e-2)
+    assert costmodel.network_beta(1, host) == costmodel.line_rate_beta(1)  # the link is slower
+    assert costmodel.network_beta(100, host) == host  # the hosts are slower
+    assert costmodel.network_beta(100, 0.0) == costmodel.line_rate_beta(100)

@@ -16,11 +16,17 @@ import numpy as np
 PARAMETERS = 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10
 
 
-def median_us(function, repeats=300, warmup=30):
+MB = f"{PARAMETERS * 4 / 1e6:.1f} MB"
+
+
+def median_us(function, repeats=300, warmup=30, setup=None):
+    """Median microseconds of `function()`; `setup()`, if given, runs before each call, untimed."""
     for _ in range(warmup):
+        setup and setup()
         function()
     times = []
     for _ in range(repeats):
+        setup and setup()
         started = time.perf_counter()
         function()
         times.append(time.perf_counter() - started)
@@ -55,22 +61,31 @@ def check_and_update_variants(rng, numba_module, blas):
     from dpflow.flat import all_finite
 
     params = rng.standard_normal(PARAMETERS).astype(np.float32)
-    grads = (rng.standard_normal(PARAMETERS) * 1e-3).astype(np.float32)
-    scratch = np.empty_like(params)
+    reduced = (rng.standard_normal(PARAMETERS) * 1e-3).astype(np.float32)
+    grads, scratch = reduced.copy(), np.empty_like(params)
     lr = np.float32(1e-3)
 
-    def numpy_update():
+    def fresh_gradient():  # the update consumes it; untimed
+        np.copyto(grads, reduced)
+
+    def scratch_update():
         np.multiply(grads, lr, out=scratch)
         params.__isub__(scratch)
 
+    def numpy_update():
+        np.multiply(grads, lr, out=grads)
+        params.__isub__(grads)
+
     rows = [
-        ("non-finite check, 2.1 MB", "max and min (before)",
+        (f"non-finite check, {MB}", "max and min (before)",
          median_us(lambda: math.isfinite(float(grads.max())) and math.isfinite(float(grads.min())))),
-        ("non-finite check, 2.1 MB", "one BLAS dot, max/min only if not finite (dpflow)",
+        (f"non-finite check, {MB}", "one BLAS dot, max/min only if not finite (dpflow)",
          median_us(lambda: all_finite(grads))),
-        ("SGD update, 2.1 MB", "g * lr, then p -= that: two passes (dpflow)", median_us(numpy_update)),
-        ("check + update, 2.1 MB", "dpflow: the check, then the update",
-         median_us(lambda: (all_finite(grads), numpy_update()))),
+        (f"SGD update, {MB}", "g * lr into a third buffer, then p -= that (before)", median_us(scratch_update)),
+        (f"SGD update, {MB}", "g *= lr over the spent gradient, then p -= g (dpflow)",
+         median_us(numpy_update, setup=fresh_gradient)),
+        (f"check + update, {MB}", "dpflow: the check, then the update",
+         median_us(lambda: (all_finite(grads), numpy_update()), setup=fresh_gradient)),
     ]
     if numba_module is not None:
         @numba_module.njit(cache=False, fastmath=False)
@@ -90,12 +105,12 @@ def check_and_update_variants(rng, numba_module, blas):
                 p[i] -= g[i] * lr
 
         fused(params, grads, lr), update(params, grads, lr)
-        rows += [("SGD update, 2.1 MB", f"numba {numba_module.__version__}: one loop",
+        rows += [(f"SGD update, {MB}", f"numba {numba_module.__version__}: one loop",
                   median_us(lambda: update(params, grads, lr))),
-                 ("check + update, 2.1 MB", f"numba {numba_module.__version__}: check loop, update loop",
+                 (f"check + update, {MB}", f"numba {numba_module.__version__}: check loop, update loop",
                   median_us(lambda: fused(params, grads, lr)))]
     if blas is not None:
-        rows.append(("SGD update, 2.1 MB", "scipy saxpy: p += (-lr) g, one pass (may fuse multiply-add: "
+        rows.append((f"SGD update, {MB}", "scipy saxpy: p += (-lr) g, one pass (may fuse multiply-add: "
                      "not bitwise the two-pass result)", median_us(lambda: blas.saxpy(grads, params, a=-lr))))
     return rows
 
@@ -110,15 +125,20 @@ def bias_variants(rows, rng, blas):
         np.matmul(X, W, out=z)
         z.__iadd__(b)
 
+    grad, ones, b_grad = np.ones((rows, 512), np.float32), np.ones(rows, np.float32), np.empty(512, np.float32)
     result = [("first layer: X @ W + b", "matmul, then z += b (dpflow)", median_us(numpy_bias)),
-              ("first layer: X @ W + b", "matmul alone (no bias)", median_us(lambda: np.matmul(X, W, out=z)))]
+              ("first layer: X @ W + b", "matmul alone (no bias)", median_us(lambda: np.matmul(X, W, out=z))),
+              ("bias gradient, 512 wide", "grad.sum(axis=0) (before)", median_us(lambda: grad.sum(axis=0, out=b_grad))),
+              ("bias gradient, 512 wide", "ones @ grad, one BLAS pass (dpflow)",
+               median_us(lambda: np.matmul(ones, grad, out=b_grad)))]
     if blas is not None:
-        zf = np.empty((512, rows), np.float32, order="F")  # z.T in Fortran order = z in C order
+        zf = z.T  # z in C order is z.T in Fortran order, which the Fortran BLAS writes in place
 
         def gemm_beta_one():
             zf[...] = b[:, None]
-            # (X @ W).T = W.T @ X.T; with beta=1 the GEMM adds onto the bias already in C.
-            blas.sgemm(1.0, W, X, beta=1.0, c=zf, trans_a=True, trans_b=True, overwrite_c=True)
+            # z.T = W.T @ X.T, every operand a Fortran-order view (no copies); with beta=1 the
+            # GEMM adds onto the bias already in C.
+            blas.sgemm(1.0, W.T, X.T, beta=1.0, c=zf, overwrite_c=True)
 
         result.append(("first layer: X @ W + b", "scipy sgemm with beta=1 onto the bias", median_us(gemm_beta_one)))
     return result
@@ -128,8 +148,10 @@ def gather_variants(rows, rng):
     data = rng.standard_normal((60000, 784)).astype(np.float32)
     index = rng.permutation(len(data))[:rows]
     out = np.empty((rows, 784), np.float32)
-    return [("row gather", "np.take of the shuffled rows into a reused buffer (dpflow)",
+    return [("row gather", "np.take of the shuffled rows into a reused buffer, mode=raise (before)",
              median_us(lambda: np.take(data, index, axis=0, out=out))),
+            ("row gather", "np.take, mode=clip: no temporary (dpflow)",
+             median_us(lambda: np.take(data, index, axis=0, out=out, mode="clip"))),
             ("row gather", "pre-sharded contiguous rows, a view (the minimal loop: no shuffling)",
              median_us(lambda: data[:rows]))]
 
@@ -152,7 +174,6 @@ def main():
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
-    threadpool_limits(1)
     try:
         import numba
     except ImportError:
@@ -161,6 +182,7 @@ def main():
         from scipy.linalg import blas
     except ImportError:
         blas = None
+    threadpool_limits(1)  # after the imports: scipy brings a BLAS of its own
     rng = np.random.default_rng(0)
     rows = (relu_variants(args.rows, rng) + check_and_update_variants(rng, numba, blas)
             + bias_variants(args.rows, rng, blas) + gather_variants(args.rows, rng) + framework_overhead())
