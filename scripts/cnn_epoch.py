@@ -65,7 +65,8 @@ def section(rows, bench, facts):
     verdict = "met" if ours <= torch_one else "not met"
     lines = [BEGIN, "## The cnn on Fashion-MNIST: an epoch beside PyTorch", "",
              f"Measured by `scripts/cnn-epoch` on {facts['date']}: {facts['machine']}; load average "
-             f"{facts['load_before']} before, {facts['load_after']} after. The network of "
+             f"{facts['load_before']} before, {facts['load_after']} after; BLAS {facts['blas']} "
+             f"(OPENBLAS_CORETYPE {facts['coretype']}). The network of "
              "`--model cnn` (conv 3x3 32, pool, conv 3x3 64, pool, dense 128, dropout, dense 10), "
              "global batch 64, momentum SGD, float32, 60,000 training rows; the training part of "
              "one epoch (no evaluation).", "",
@@ -94,9 +95,12 @@ def main():
                  "--model", "cnn", "--batch-size", "64"])
     with open("/proc/cpuinfo") as handle:
         cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "?")
+    kernel = run([os.path.join(VENV, "python"), "-c", "import numpy; from threadpoolctl import threadpool_info; "
+                  "print(', '.join(f\"{i['internal_api']} {i.get('architecture', '?')}\" for i in threadpool_info()))"])
     facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
              "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-             "load_before": load_before, "load_after": loadavg()}
+             "load_before": load_before, "load_after": loadavg(), "blas": kernel.strip(),
+             "coretype": os.environ.get("OPENBLAS_CORETYPE", "unset")}
     with open(args.json, "w") as handle:
         json.dump({"facts": facts, "rows": rows, "bench": bench}, handle, indent=1)
     text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
