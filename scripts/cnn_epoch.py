@@ -67,7 +67,8 @@ def section(rows, bench, facts):
              f"Measured by `scripts/cnn-epoch` on {facts['date']}: {facts['machine']}; load average "
              f"{facts['load_before']} before, {facts['load_after']} after; BLAS {facts['blas']} "
              f"(OPENBLAS_CORETYPE {facts['coretype']}). The network of "
-             "`--model cnn` (conv 3x3 32, pool, conv 3x3 64, pool, dense 128, dropout, dense 10), "
+             "`--model cnn` (conv 3x3 32, pool, conv 3x3 64, pool, both with same padding, dense 128, "
+             "dropout, dense 10), "
              "global batch 64, momentum SGD, float32, 60,000 training rows; the training part of "
              "one epoch (no evaluation).", "",
              "| run | epoch s |", "| --- | ---: |"]

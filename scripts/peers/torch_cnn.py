@@ -3,7 +3,7 @@
     python scripts/peers/torch_cnn.py --threads 2                         # one process
     torchrun --standalone --nproc-per-node 2 scripts/peers/torch_cnn.py --ddp   # DDP, gloo
 
-conv 3x3 (32) -> ReLU -> max pool 2 -> conv 3x3 (64) -> ReLU -> max pool 2 -> dense 128 ->
+conv 3x3 (32, same padding) -> ReLU -> max pool 2 -> conv 3x3 (64, same) -> ReLU -> max pool 2 -> dense 128 ->
 ReLU -> dropout 0.5 -> dense 10, softmax cross-entropy, momentum SGD, global batch 64, float32,
 60,000 random 1x28x28 examples (the time of a step does not depend on the pixel values).
 Written as a PyTorch user would; prints one JSON line from rank 0. Run by scripts/cnn-epoch
@@ -41,8 +41,8 @@ def main():
     x = torch.rand(args.rows, 1, 28, 28)
     y = torch.randint(0, 10, (args.rows,))
     model = nn.Sequential(
-        nn.Conv2d(1, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(1600, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
+        nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Dropout(0.5), nn.Linear(128, 10))
     if args.ddp:
         model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
