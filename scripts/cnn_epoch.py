@@ -11,23 +11,18 @@ on 2 processes. Writes its own section of BENCHMARKS.md and cnn-epoch.json.
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
+
+from doc_section import loadavg, machine_facts, write_section
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV = os.path.join(ROOT, ".venv", "bin")
 PEERS = os.environ.get("DPFLOW_PEERS_VENV", os.path.join(ROOT, ".venv-peers"))
 BEGIN, END = "<!-- begin cnn-epoch -->", "<!-- end cnn-epoch -->"
-
-
-def loadavg():
-    with open("/proc/loadavg") as handle:
-        return " ".join(handle.read().split()[:3])
 
 
 def run(command, **kwargs):
@@ -94,24 +89,14 @@ def main():
             torch_epoch(ddp=False), torch_epoch(ddp=True)]
     bench = run([os.path.join(VENV, "mpiexec"), "-n", "2", os.path.join(VENV, "dpflow"), "bench",
                  "--model", "cnn", "--batch-size", "64"])
-    with open("/proc/cpuinfo") as handle:
-        cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "?")
     kernel = run([os.path.join(VENV, "python"), "-c", "import numpy; from threadpoolctl import threadpool_info; "
                   "print(', '.join(f\"{i['internal_api']} {i.get('architecture', '?')}\" for i in threadpool_info()))"])
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-             "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-             "load_before": load_before, "load_after": loadavg(), "blas": kernel.strip(),
+    facts = {**machine_facts(load_before), "blas": kernel.strip(),
              "coretype": os.environ.get("OPENBLAS_CORETYPE", "unset")}
     with open(args.json, "w") as handle:
         json.dump({"facts": facts, "rows": rows, "bench": bench}, handle, indent=1)
-    text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
     new = section(rows, bench, facts)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    with open(args.output, "w") as handle:
-        handle.write(text)
+    write_section(args.output, BEGIN, END, new)
     print(new)
 
 

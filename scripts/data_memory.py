@@ -9,10 +9,8 @@ the data's PSS summed over the ranks is the physical memory the data costs the n
 """
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cluster import proc_stat  # noqa: E402 - scripts/cluster.py: the one /proc/PID/stat reader
+from doc_section import loadavg, machine_facts, write_section  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- begin data-memory -->", "<!-- end data-memory -->"
@@ -140,31 +139,18 @@ def main():
     parser.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
     parser.add_argument("--json", default=os.path.join(ROOT, "data-memory.json"))
     args, extra = parser.parse_known_args()
-    with open("/proc/loadavg") as handle:
-        load_before = " ".join(handle.read().split()[:3])
+    load_before = loadavg()
     with tempfile.TemporaryDirectory(prefix="dpflow-data-memory-") as data_home:
         # Build the cache first, so that no measured run pays for it.
         subprocess.run([os.path.join(ROOT, ".venv", "bin", "python"), "-c",
                         f"from dpflow.data import load_dataset; load_dataset({args.dataset!r})"],
                        env=dict(os.environ, DPFLOW_DATA=data_home), check=True)
         results = [measure(ranks, args.dataset, args.epochs, data_home, extra) for ranks in args.ranks]
-    with open("/proc/loadavg") as handle:
-        load_after = " ".join(handle.read().split()[:3])
-    with open("/proc/cpuinfo") as handle:
-        cpu = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "?")
-    facts = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-             "machine": f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-             "load_before": load_before, "load_after": load_after}
+    facts = machine_facts(load_before)
     with open(args.json, "w") as handle:
         json.dump({"facts": facts, "results": results}, handle, indent=1)
-    text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
     new = section(results, facts)
-    if BEGIN in text:
-        text = text[:text.index(BEGIN)] + new + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new + "\n"
-    with open(args.output, "w") as handle:
-        handle.write(text)
+    write_section(args.output, BEGIN, END, new)
     print(new)
 
 

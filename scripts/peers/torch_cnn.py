@@ -12,32 +12,22 @@ in the peers' own virtual environment: PyTorch is never a dependency of dpflow.
 
 import argparse
 import json
-import os
 import time
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch_setup import add_common_arguments, start_peer
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=64, help="global batch")
     parser.add_argument("--rows", type=int, default=60_000)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (default: the cores divided by the local ranks)")
-    parser.add_argument("--ddp", action="store_true", help="DistributedDataParallel over gloo (under torchrun)")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.ddp:
-        dist.init_process_group("gloo")
-        rank, size = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    else:
-        rank, size, local = 0, 1, 1
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // local)
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    rank, size, threads = start_peer(args)
     x = torch.rand(args.rows, 1, 28, 28)
     y = torch.randint(0, 10, (args.rows,))
     model = nn.Sequential(

@@ -11,7 +11,6 @@ environment: PyTorch is never a dependency of dpflow.
 
 import argparse
 import json
-import os
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch_setup import add_common_arguments, start_peer
 
 
 def main():
@@ -26,19 +26,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=256, help="global batch")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="intra-op threads (default: the cores divided by the local ranks)")
-    parser.add_argument("--ddp", action="store_true", help="DistributedDataParallel over gloo (under torchrun)")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.ddp:
-        dist.init_process_group("gloo")
-        rank, size = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", size))
-    else:
-        rank, size, local = 0, 1, 1
-    threads = args.threads or max(1, len(os.sched_getaffinity(0)) // local)
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
+    rank, size, threads = start_peer(args)
 
     rng = np.random.default_rng(1234)  # the same global batch as dpflow bench
     x = rng.standard_normal((args.batch_size, 784), dtype=np.float32)
