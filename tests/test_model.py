@@ -129,8 +129,9 @@ def test_the_mlp_builder_is_todays_model_parameter_for_parameter():
     assert np.array_equal(images.params["fc0.W"].value, legacy.params["fc0.W"].value)
 
 
-@pytest.mark.parametrize("input_shape,flat_features", [((1, 28, 28), 64 * 5 * 5), ((1, 8, 8), 64 * 2 * 2),
-                                                       ((64,), 64 * 2 * 2), ((3, 16, 16), 64 * 2 * 2)])
+# "Same" padding: each block halves the image (28 -> 14 -> 7; 8 -> 4 -> 2; 16 -> 8 -> 4).
+@pytest.mark.parametrize("input_shape,flat_features", [((1, 28, 28), 64 * 7 * 7), ((1, 8, 8), 64 * 2 * 2),
+                                                       ((64,), 64 * 2 * 2), ((3, 16, 16), 64 * 4 * 4)])
 def test_cnn_builder_fits_the_image_sizes_it_is_given(input_shape, flat_features):
     model = cnn(input_shape, 10, np.random.default_rng(0), np.float32)
     assert model.params["fc0.W"].value.shape == (flat_features, 128)
