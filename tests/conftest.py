@@ -13,6 +13,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# tests/containers/ checks a running cluster of containers: scripts/test-containers starts
+# one, then runs those tests with DPFLOW_CT_COMPOSE set. Everywhere else (./scripts/test,
+# the test service inside a container) they are not collected at all.
+collect_ignore = [] if os.environ.get("DPFLOW_CT_COMPOSE") else ["containers"]
+
 
 def numeric_gradient(f, x, eps=1e-6):
     """Central differences of scalar f() with respect to array x (changed in place, restored)."""
