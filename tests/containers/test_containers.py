@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import run, start_job
+from helpers import run, start_job
 
 # The compose command with its project and file, shell-quoted by scripts/test-containers.
 COMPOSE = shlex.split(os.environ.get("DPFLOW_CT_COMPOSE", ""))
@@ -195,6 +195,7 @@ def test_a_killed_node_ends_the_job_with_an_error_naming_it(tmp_path):
     print(f"killed worker2 mid-run: the job ended in {seconds:.1f} s with status {status}: {reason}")
 
 
+@pytest.mark.timeout(1000)  # the test service's own bound is 900 s, above the suite-wide 600
 def test_the_whole_suite_passes_inside_a_container_as_the_non_root_user():
     # The test service (docker/compose.yaml): the serial suite, then the MPI suite under
     # mpiexec -n 2, each run even if the other failed.
