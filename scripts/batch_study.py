@@ -18,7 +18,6 @@ import argparse
 import concurrent.futures
 import datetime
 import json
-import math
 import os
 import platform
 import shlex
@@ -26,12 +25,14 @@ import subprocess
 import sys
 import time
 
+from doc_section import loadavg
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SLOW_BLAS_VARIABLES = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")  # as scripts/bench_sweep.py
 BASE_BATCH = 64
-# The rules: optimizer flags, and a label. The lrs were tuned at batch 64 (sgd's 0.05 is
-# dpflow's default; LARS and LAMB's give the same accuracy as SGD there) and are never
-# retuned per batch: a rule is a recipe for a batch nobody has tuned for.
+# The rules: optimizer flags, and a label. The lrs were tuned at batch 64 for the 128-64 mlp
+# (sgd's 0.05 was dpflow's default lr then; LARS and LAMB's give the same accuracy as SGD
+# there) and are never retuned per batch: a rule is a recipe for a batch nobody has tuned for.
 RULES = {
     "sgd": ("momentum SGD, lr of batch 64", ["--optimizer", "momentum", "--lr", "0.05"]),
     "goyal": ("linear scaling + warmup", ["--optimizer", "momentum", "--lr", "0.05", "--lr-scaling", "linear",
@@ -125,11 +126,6 @@ def machine():
     if completed.returncode == 0:
         facts.update(json.loads(completed.stdout))
     return facts
-
-
-def load_average():
-    with open("/proc/loadavg") as handle:
-        return " ".join(handle.read().split()[:3])
 
 
 def noise_cost():
@@ -497,7 +493,7 @@ def main():
             if not (rule == "goyal" and batch == BASE_BATCH)]  # at batch 64 goyal is sgd: run once
     facts = machine()
     facts["argv"] = sys.argv[1:]
-    load_start, started = load_average(), time.monotonic()
+    load_start, started = loadavg(), time.monotonic()
     print(f"batch study: {len(jobs)} runs, {args.jobs} at a time, {args.epochs} epochs each, on {args.dataset}",
           flush=True)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
@@ -508,7 +504,7 @@ def main():
             results.append({**base, "rule": "goyal", "same_run_as": "sgd"})
     print("measuring what the noise scale costs", flush=True)
     cost = noise_cost()
-    timing = {"seconds": time.monotonic() - started, "load_start": load_start, "load_end": load_average()}
+    timing = {"seconds": time.monotonic() - started, "load_start": load_start, "load_end": loadavg()}
     write_outputs(args, {"machine": facts, "timing": timing, "epochs": args.epochs, "dataset": args.dataset,
                          "hidden": args.hidden, "jobs": args.jobs, "target": args.target,
                          "noise_cost": cost, "runs": results})
