@@ -83,6 +83,29 @@ def test_ranks_equal_one_process_with_validation_rows_and_standardisation(dpflow
         assert max_difference(saved[None], saved[ranks]) < 1e-10
 
 
+# The built-in cnn asks the loader for images: the cached IDX files come as (N, 1, 6, 5).
+CNN = ["--dataset", "fashion-mnist", "--model", "cnn", "--model-arg", "channels=[4]", "--model-arg", "dense=8",
+       "--model-arg", "dropout=0.25", "--dtype", "float64", "--batch-size", "25", "--progress", "plain"]
+
+
+def test_the_cnn_on_image_files_on_n_ranks_equals_one_process_and_resumes_bitwise(dpflow, tmp_path, data_home):
+    saved = {}
+    for ranks in (None, 2, 3, 4):
+        result = dpflow("train", *CNN, "--epochs", "2", "--save", tmp_path / f"{ranks}.npz", ranks=ranks,
+                        env=data_home, timeout=120)
+        assert result.returncode == 0, result
+        assert "1x6x5 images" in result.stdout and "conv0          Conv2D                      4x6x5" in result.stdout
+        assert "Reshape" not in result.stdout  # images arrive in their shape, not as rows to reshape
+        saved[ranks] = load(tmp_path / f"{ranks}.npz")
+    for ranks in (2, 3, 4):
+        assert max_difference(saved[None], saved[ranks]) < 1e-10
+    first = dpflow("train", *CNN, "--epochs", "1", "--checkpoint-dir", tmp_path / "ck", ranks=3, env=data_home)
+    resumed = dpflow("train", *CNN, "--epochs", "2", "--checkpoint-dir", tmp_path / "ck", "--resume",
+                     "--save", tmp_path / "resumed.npz", ranks=3, env=data_home)
+    assert first.returncode == 0 and resumed.returncode == 0, (first, resumed)
+    assert max_difference(saved[3], load(tmp_path / "resumed.npz")) == 0.0
+
+
 def test_resume_is_bitwise_and_the_best_checkpoint_survives_pruning(dpflow, tmp_path, data_home):
     common = [*EXACT, "--keep-best", "val_accuracy", "--keep-checkpoints", "1"]
     straight = dpflow("train", *common, "--epochs", "5", "--checkpoint-dir", tmp_path / "a", "--save",
