@@ -218,8 +218,10 @@ class TrainConfig:
     on_nonfinite: str = option("stop", "on a NaN/inf loss or gradient: stop with an error, or skip the step",
                                choices=("stop", "skip"))
     # Communication
-    reducer: str = option("flat", "flat: one fused allreduce of all gradients; naive: one per parameter",
-                          choices=("flat", "naive"))
+    reducer: str = option(
+        "flat", "flat: one fused sum of all gradients (through the node's shared memory when every rank "
+        "is on one node); mpi: one fused MPI_Allreduce; naive: one sum per parameter",
+        choices=("flat", "mpi", "naive"))
     bucket_mb: float = option(  # off: no gain measured on 2 cores (BENCHMARKS.md)
         0.0, "overlap communication with backward: allreduce buckets of this many MB as soon as backward "
         "finishes them; 0 waits for the whole backward", at_least=0)

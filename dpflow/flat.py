@@ -16,10 +16,11 @@ class FlatParameters:
     After construction each parameter's `value` *is* a view into `values` and its gradient
     a view into `grads`; writing either buffer changes the graph's arrays. `grads` may carry
     `extra_slots` trailing entries that ride along with the gradient allreduce (the trainer
-    uses them for the loss sum and the stop flag); `param_grads` excludes them.
+    uses them for the loss sum and the stop flag); `param_grads` excludes them. `zeros(size,
+    dtype)` allocates `grads` (a communicator's `summable_zeros` puts it where it sums fastest).
     """
 
-    def __init__(self, params, dtype, extra_slots=0):
+    def __init__(self, params, dtype, extra_slots=0, zeros=np.zeros):
         self.names = sorted(params)
         self.shapes = {name: tuple(params[name].value.shape) for name in self.names}
         self.slices = {}
@@ -31,7 +32,7 @@ class FlatParameters:
         self.size = offset
         self.dtype = np.dtype(dtype)
         self.values = np.empty(self.size, self.dtype)
-        self.grads = np.zeros(self.size + extra_slots, self.dtype)
+        self.grads = zeros(self.size + extra_slots, self.dtype)  # the communicator's, to sum fast
         self.param_grads = self.grads[: self.size]
         self.extra = self.grads[self.size:]
         for name in self.names:

@@ -5,6 +5,7 @@ No numpy and no mpi4py here: the CLI reads it before MPI is initialised (to prin
 errors once, from rank 0).
 """
 
+import contextlib
 import os
 
 # mpiexec (MPICH hydra) and srun --mpi=pmi2 set PMI_*, PMIx launchers PMIX_RANK, Open MPI's
@@ -54,6 +55,25 @@ def mpich_settings(environ=os.environ):
     if started_by_slurm_pmi(environ) and "MPIR_CVAR_CH4_NETMOD" not in environ:
         return {"MPIR_CVAR_CH4_NETMOD": "ofi"}
     return {}
+
+
+@contextlib.contextmanager
+def open_mpi_settings(environ=os.environ):
+    """Open MPI settings for MPI_Init, in `environ` while the block runs and gone after it (the
+    caller's environment is the caller's): one-sided components other than UCX's.
+
+    The gradient buffer of a one-node job is an MPI shared-memory window (see nodesum), which
+    Open MPI serves with its `sm` component; its `ucx` component, asked first, prints "Error:
+    OSC UCX component priority set inside component query failed" on every rank when it
+    declines. Harmless under MPICH. A choice the user made wins.
+    """
+    added = {} if "OMPI_MCA_osc" in environ else {"OMPI_MCA_osc": "^ucx"}
+    environ.update(added)
+    try:
+        yield added
+    finally:
+        for name in added:
+            environ.pop(name, None)
 
 
 def launcher_rank(environ=os.environ):

@@ -44,7 +44,9 @@ class DataParallel:
         self.rank, self.size = self.comm.rank, self.comm.size
         params = checked_parameters(params)
         first = next(iter(params.values()))
-        self.flat = FlatParameters(params, first.value.dtype, extra_slots=extra_slots)
+        # `mpi` keeps the gradients in private memory, so MPI_Allreduce sums them even on one node.
+        zeros = np.zeros if reducer == "mpi" else self.comm.summable_zeros
+        self.flat = FlatParameters(params, first.value.dtype, extra_slots=extra_slots, zeros=zeros)
         self.reducer = reducer
         self.consistency_every, self.reductions = int(consistency_every), 0
         self.synchronise()

@@ -146,7 +146,7 @@ class Trainer:
         self.sync = True  # `dpflow bench --no-sync` turns the allreduce off
         self.tracer = None  # a trace.Tracer records every phase as a span (`trace`)
         # Overlap needs the gradients final when backward ends, which accumulation defers.
-        self.overlap = config.bucket_mb > 0 and config.accumulate == 1 and config.reducer == "flat"
+        self.overlap = config.bucket_mb > 0 and config.accumulate == 1 and config.reducer != "naive"
         if self.overlap:
             self.parallel.plan_buckets(self.model.graph, int(config.bucket_mb * 2**20))
         self.noise = NoiseScale() if self.measures_noise() else None

@@ -1,6 +1,6 @@
 """What dpflow reads from, and adds to, the environment a launcher gives it (pure functions)."""
 
-from dpflow.launcher import mpich_settings, started_by_slurm_pmi
+from dpflow.launcher import mpich_settings, open_mpi_settings, started_by_slurm_pmi
 
 # As Slurm's mpi/pmi2 plugin and MPICH's hydra set them (seen on the test cluster).
 SRUN_PMI2 = {"PMI_FD": "11", "PMI_JOBID": "1.0", "PMI_RANK": "0", "PMI_SIZE": "4",
@@ -29,3 +29,14 @@ def test_other_launchers_get_nothing():
                     {"SLURM_MPI_TYPE": "none", "SLURM_JOB_ID": "1"}, {}):
         assert not started_by_slurm_pmi(environ), environ
         assert mpich_settings(environ) == {}, environ
+
+
+def test_open_mpi_gets_its_shared_memory_windows_during_init_only():
+    environ = {"PATH": "/bin"}
+    with open_mpi_settings(environ) as added:
+        assert environ["OMPI_MCA_osc"] == "^ucx" and added == {"OMPI_MCA_osc": "^ucx"}
+    assert environ == {"PATH": "/bin"}  # the caller's environment, as it was
+    chosen = {"OMPI_MCA_osc": "rdma"}
+    with open_mpi_settings(chosen) as added:
+        assert chosen == {"OMPI_MCA_osc": "rdma"} and added == {}
+    assert chosen == {"OMPI_MCA_osc": "rdma"}

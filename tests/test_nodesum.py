@@ -1,0 +1,110 @@
+"""The sum over one node's ranks through shared memory (dpflow/nodesum.py): the same bits as
+summing in rank order, for the whole buffer and for any view of it, and the fallbacks to
+MPI_Allreduce. The MPI-marked tests run under mpiexec -n 2/3/4 (pytest --with-mpi)."""
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from dpflow import nodesum
+from dpflow.comm import LocalCommunicator, create_communicator
+from dpflow.config import TrainConfig
+from dpflow.data import load_dataset
+from dpflow.trainer import Trainer
+
+
+def ranks_data(rank, size, dtype):
+    """What `rank` holds: every rank can make every rank's, to compute the expected sum."""
+    return np.random.default_rng(100 + rank).normal(size=size).astype(dtype)
+
+
+def in_rank_order(size, ranks, dtype):
+    total = ranks_data(0, size, dtype) + ranks_data(1, size, dtype)
+    for rank in range(2, ranks):
+        total += ranks_data(rank, size, dtype)
+    return total
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_shared_buffer_and_its_views_sum_in_rank_order(dtype):
+    comm = create_communicator("mpi")
+    assert comm.size == comm.local_size, "these tests run on one node"
+    buffer = comm.summable_zeros(1001, dtype)
+    assert comm.sum_path() == "node shared memory"
+    assert buffer.dtype == dtype and buffer.shape == (1001,) and not buffer.any()
+    buffer[...] = ranks_data(comm.rank, 1001, dtype)
+    expected = in_rank_order(1001, comm.size, dtype)
+    # A 2-D view at an odd offset, one element (fewer elements than ranks), then the rest.
+    parts = [buffer[3:503].reshape(20, 25), buffer[503:504], buffer[:3], buffer[504:]]
+    for part in parts:
+        comm.allreduce_sum(part)
+    assert np.array_equal(buffer, expected)
+    comm.allreduce_sum(buffer)  # and the whole of it: every rank now holds `expected`
+    assert np.allclose(buffer, expected * comm.size, rtol=1e-6)
+    if comm.size <= 3:  # (e + e) + e rounds once, as e * 3 does
+        assert np.array_equal(buffer, expected * comm.size)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_arrays_outside_the_window_go_through_mpi():
+    comm = create_communicator("mpi")
+    comm.summable_zeros(10, np.float64)
+    private = np.full(10, comm.rank + 1.0)
+    comm.allreduce_sum(private)
+    assert np.all(private == comm.size * (comm.size + 1) / 2)
+    assert not any(node_sum.holds(private) for node_sum in comm.node_sums)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_without_room_the_gradients_stay_private(monkeypatch):
+    comm = create_communicator("mpi")
+    monkeypatch.setattr("dpflow.comm.room_for", lambda *args: False)
+    buffer = comm.summable_zeros(10, np.float64)
+    assert comm.sum_path() == "MPI_Allreduce" and not comm.node_sums
+    buffer += 1
+    comm.allreduce_sum(buffer)
+    assert np.all(buffer == comm.size)
+
+
+def train(comm, reducer):
+    config = TrainConfig(dataset="synthetic", hidden=[7, 5], epochs=2, batch_size=13, lr=0.1,
+                         optimizer="momentum", dtype="float64", seed=11, reducer=reducer)
+    trainer = Trainer(config, comm, load_dataset("synthetic", samples=51, features=6, classes=3, seed=5))
+    trainer.fit()
+    return trainer
+
+
+@pytest.mark.mpi(min_size=2)
+def test_training_through_shared_memory_equals_mpi_allreduce_and_one_process():
+    comm = create_communicator("mpi")
+    shared, private = train(comm, "flat"), train(comm, "mpi")
+    assert comm.node_sums and comm.node_sums[0].holds(shared.flat.grads)
+    assert not comm.node_sums[0].holds(private.flat.grads)
+    reference = train(LocalCommunicator(), "flat").flat.values
+    assert np.max(np.abs(shared.flat.values - reference)) < 1e-10
+    assert np.max(np.abs(shared.flat.values - private.flat.values)) < 1e-12
+    if comm.size == 2:  # a + b is b + a: the two paths agree to the bit
+        assert np.array_equal(shared.flat.values, private.flat.values)
+
+
+def test_one_rank_has_a_plain_array_and_no_path():
+    comm = LocalCommunicator()
+    assert isinstance(comm.summable_zeros(3, np.float32), np.ndarray)
+    assert comm.sum_path() == "none (one rank)"
+
+
+def test_room_leaves_half_of_the_free_shared_memory(monkeypatch):
+    free = 100 * 2**20
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=free // 4096, f_frsize=4096))
+    per_rank = 2**20  # float32 entries: 4 MB per buffer
+    assert nodesum.room_for(per_rank, np.float32, 4)  # 5 x 4 MB <= 50 MB
+    assert not nodesum.room_for(per_rank, np.float32, 12)  # 13 x 4 MB > 50 MB
+
+    def missing(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(os, "statvfs", missing)
+    assert nodesum.room_for(per_rank, np.float32, 4)  # no /dev/shm to read: MPI decides
