@@ -273,6 +273,7 @@ def run_bench(args, comm):
         "model": model_name(trainer),
         "gemm_ms_by_layer": {kind: 1e3 * seconds for kind, seconds in gemms_by_layer.items()},
         "reducer": "none" if args.no_sync else config.reducer,
+        "sum_path": trainer.parallel.sum_path(),
         "bucket_mb": config.bucket_mb,
         "buckets": len(trainer.parallel.buckets) if trainer.overlap else 0,
         "samples_per_sec": config.batch_size / step_s,
@@ -324,7 +325,7 @@ def model_name(trainer):
 def format_report(r):
     lines = [
         f"dpflow bench: {r['model']}, global batch {r['batch_size']}, "
-        f"{r['dtype']}, {r['world_size']} rank(s), reducer {r['reducer']}",
+        f"{r['dtype']}, {r['world_size']} rank(s), reducer {r['reducer']} ({r['sum_path']})",
         f"  samples/s        {r['samples_per_sec']:>12,.0f}",
         f"  step             {r['step_ms']:>12.3f} ms",
         f"    forward        {r['forward_ms']:>12.3f} ms",

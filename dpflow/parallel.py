@@ -76,6 +76,13 @@ class DataParallel:
         start, stop = shard_bounds(len(global_batch), self.rank, self.size)
         return global_batch[start:stop]
 
+    def sum_path(self):
+        """How `allreduce_gradients` sums: "node shared memory", "MPI_Allreduce" or "none (one rank)"."""
+        node_sums = getattr(self.comm, "node_sums", ())
+        if self.size > 1 and not any(node_sum.holds(self.flat.grads) for node_sum in node_sums):
+            return "MPI_Allreduce"
+        return self.comm.sum_path()
+
     def allreduce_gradients(self):
         """Sum every gradient (and any extra slots) over all ranks, in place. Collective."""
         if self.reducer == "naive":
