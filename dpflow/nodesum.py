@@ -9,11 +9,16 @@ writes its gradients straight into it. The sum over ranks is then one pass and a
     barrier                      every part of the sum is final
     g_me[:] = sums               each rank copies the whole sum into its own buffer
 
-Each element is summed once, in rank order, and copied to every rank, so all ranks hold the
-same bits, and the same world size repeats them exactly on resume. MPI_Allreduce moves the
-same bytes through the library's own queues, copying them in and out: for the 2.1 MB buffer of
-BENCHMARKS.md on 2 ranks it took 0.22 ms against 0.08 ms this way (scripts/bench has the
-figures of its run). The communicator calls this; it holds buffers and knows no layers.
+Each element is summed once and copied to every rank, so all ranks hold the same bits. The
+additions follow MPICH's own MPI_Allreduce (recursive doubling and halving): with p = 2^k + r
+ranks, ranks 2i and 2i + 1 are added first for i < r, then the 2^k values pairwise, neighbours
+first: (g0 + g1) + (g2 + g3) on 4 ranks, (g0 + g1) + g2 on 3. That is the order MPICH's
+MPI_Allreduce gave on 2 to 8 ranks (tests/test_nodesum.py checks it), so a run sums to the
+same bits here as through MPICH, on one node or several, and resumes bitwise either way.
+MPI_Allreduce moves the same bytes through the library's own queues, copying them in and out:
+for the 2.1 MB buffer of BENCHMARKS.md on 2 ranks it took 0.22 ms against 0.08 ms this way
+(scripts/bench has the figures of its run). The communicator calls this; it holds buffers and
+knows no layers.
 """
 
 import os
@@ -42,6 +47,8 @@ class NodeSum:
         self.buffers = [memory[rank][first[rank]:first[rank] + size * self.dtype.itemsize].view(self.dtype)
                         for rank in range(self.ranks)]
         self.array = self.buffers[self.rank]
+        # Room for tree_sum's partial sums; the first goes into `sums`.
+        self.scratch = [np.empty(-(-size // self.ranks), self.dtype) for _ in range(partial_sums(self.ranks) - 1)]
         self.array[...] = 0
         self.address = self.array.__array_interface__["data"][0]
         node.Barrier()
@@ -62,13 +69,40 @@ class NodeSum:
         hi = first + (self.rank + 1) * n // self.ranks
         self.node.Barrier()  # every rank's part is written
         if hi > lo:
-            part = self.sums[lo:hi]
             with np.errstate(over="ignore", invalid="ignore"):  # as MPI's sum: the trainer checks
-                np.add(self.buffers[0][lo:hi], self.buffers[1][lo:hi], out=part)
-                for other in self.buffers[2:]:
-                    part += other[lo:hi]
+                tree_sum([buffer[lo:hi] for buffer in self.buffers], self.sums[lo:hi],
+                         [scratch[:hi - lo] for scratch in self.scratch])
         self.node.Barrier()  # every part of the sum is written
         buffer.reshape(-1)[...] = self.sums[first:first + n]
+
+
+def partial_sums(p):
+    """At most how many arrays tree_sum writes for p parts: one per pair of the fold, and one
+    per pair of the first level after it."""
+    power = 1 << (p.bit_length() - 1)
+    return (p - power) + power // 2
+
+
+def tree_sum(parts, out, scratch):
+    """parts[0] + ... + parts[p-1] into `out`, in MPICH's order (see the module's docstring):
+    fold the first 2r parts pairwise, then add neighbours, level by level. Only `out` and
+    `scratch` (partial_sums(p) - 1 arrays of out's shape) are written; each addition is one pass."""
+    free = [out, *scratch]
+    mine = set()  # ids of the arrays written here, which may be added to in place
+
+    def add(a, b):
+        if id(a) in mine:
+            a += b
+            return a
+        target = free.pop(0)
+        np.add(a, b, out=target)
+        mine.add(id(target))
+        return target
+
+    fold = len(parts) - (1 << (len(parts).bit_length() - 1))
+    values = [add(parts[2 * i], parts[2 * i + 1]) for i in range(fold)] + list(parts[2 * fold:])
+    while len(values) > 1:
+        values = [add(values[2 * i], values[2 * i + 1]) for i in range(len(values) // 2)]
 
 
 def room_for(size, dtype, ranks, path="/dev/shm"):

@@ -20,23 +20,47 @@ def ranks_data(rank, size, dtype):
     return np.random.default_rng(100 + rank).normal(size=size).astype(dtype)
 
 
-def in_rank_order(size, ranks, dtype):
-    total = ranks_data(0, size, dtype) + ranks_data(1, size, dtype)
-    for rank in range(2, ranks):
-        total += ranks_data(rank, size, dtype)
-    return total
+def in_mpich_order(size, ranks, dtype):
+    """The ranks' data summed as MPICH's MPI_Allreduce adds them, written out plainly: fold
+    the first 2r ranks pairwise (p = 2^k + r), then add neighbours level by level."""
+    values = [ranks_data(rank, size, dtype) for rank in range(ranks)]
+    fold = ranks - (1 << (ranks.bit_length() - 1))
+    values = [values[2 * i] + values[2 * i + 1] for i in range(fold)] + values[2 * fold:]
+    while len(values) > 1:
+        values = [values[2 * i] + values[2 * i + 1] for i in range(len(values) // 2)]
+    return values[0]
+
+
+@pytest.mark.parametrize("ranks", range(2, 13))
+def test_tree_sum_adds_in_mpich_order_and_writes_only_its_own_arrays(ranks):
+    parts = [ranks_data(rank, 999, np.float32) for rank in range(ranks)]
+    before = [part.copy() for part in parts]
+    out = np.empty(999, np.float32)
+    scratch = [np.empty(999, np.float32) for _ in range(nodesum.partial_sums(ranks) - 1)]
+    nodesum.tree_sum(parts, out, scratch)
+    assert np.array_equal(out, in_mpich_order(999, ranks, np.float32))
+    assert all(np.array_equal(part, copy) for part, copy in zip(parts, before))
+    if ranks >= 4:  # not the rank order: the test could tell them apart
+        rank_order = parts[0] + parts[1]
+        for part in parts[2:]:
+            rank_order += part
+        assert not np.array_equal(out, rank_order)
 
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_the_shared_buffer_and_its_views_sum_in_rank_order(dtype):
+def test_the_shared_buffer_and_its_views_sum_in_mpich_order(dtype):
     comm = create_communicator("mpi")
     assert comm.size == comm.local_size, "these tests run on one node"
     buffer = comm.summable_zeros(1001, dtype)
     assert comm.sum_path() == "node shared memory"
     assert buffer.dtype == dtype and buffer.shape == (1001,) and not buffer.any()
     buffer[...] = ranks_data(comm.rank, 1001, dtype)
-    expected = in_rank_order(1001, comm.size, dtype)
+    expected = in_mpich_order(1001, comm.size, dtype)
+    private = buffer.copy()  # not in the window: MPI_Allreduce sums it
+    comm.allreduce_sum(private)
+    if comm.library().startswith("MPICH"):  # the same bits as MPICH's own sum
+        assert np.array_equal(private, expected)
     # A 2-D view at an odd offset, one element (fewer elements than ranks), then the rest.
     parts = [buffer[3:503].reshape(20, 25), buffer[503:504], buffer[:3], buffer[504:]]
     for part in parts:
@@ -44,7 +68,7 @@ def test_the_shared_buffer_and_its_views_sum_in_rank_order(dtype):
     assert np.array_equal(buffer, expected)
     comm.allreduce_sum(buffer)  # and the whole of it: every rank now holds `expected`
     assert np.allclose(buffer, expected * comm.size, rtol=1e-6)
-    if comm.size <= 3:  # (e + e) + e rounds once, as e * 3 does
+    if comm.size <= 4:  # (e + e) + e rounds once, as e * 3 does; 2e + 2e is exact
         assert np.array_equal(buffer, expected * comm.size)
 
 
