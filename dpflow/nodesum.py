@@ -13,8 +13,8 @@ Each element is summed once and copied to every rank, so all ranks hold the same
 additions follow MPICH's own MPI_Allreduce (recursive doubling and halving): with p = 2^k + r
 ranks, ranks 2i and 2i + 1 are added first for i < r, then the 2^k values pairwise, neighbours
 first: (g0 + g1) + (g2 + g3) on 4 ranks, (g0 + g1) + g2 on 3. That is the order MPICH's
-MPI_Allreduce gave on 2 to 8 ranks (tests/test_nodesum.py checks it), so a run sums to the
-same bits here as through MPICH, on one node or several, and resumes bitwise either way.
+MPI_Allreduce gave on one node on 2 to 8 ranks (tests/test_nodesum.py checks it), so a run
+sums to the same bits here as through MPICH's MPI_Allreduce (`reducer` mpi).
 MPI_Allreduce moves the same bytes through the library's own queues, copying them in and out:
 for the 2.1 MB buffer of BENCHMARKS.md on 2 ranks it took 0.22 ms against 0.08 ms this way
 (scripts/bench has the figures of its run). The communicator calls this; it holds buffers and
