@@ -40,7 +40,7 @@ def banner_lines(trainer, comm, hosts):
     data = trainer.data
     lines = [
         f"dpflow {__version__} | MPI: {mpi_description(comm)} | {comm.size} rank{'s' if comm.size > 1 else ''} on {hosts}"
-        + (f" | gradients summed by {comm.sum_path()}" if comm.size > 1 else ""),
+        + (f" | gradients summed by {trainer.parallel.sum_path()}" if comm.size > 1 else ""),
         f"data: {data.name}, {data.n_train} train"
         + (f" + {len(data.validation_rows)} validation" if data.validation_rows is not None else "")
         + f" / {len(data.y_test)} test rows, "

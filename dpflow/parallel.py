@@ -48,6 +48,7 @@ class DataParallel:
         zeros = np.zeros if reducer == "mpi" else self.comm.summable_zeros
         self.flat = FlatParameters(params, first.value.dtype, extra_slots=extra_slots, zeros=zeros)
         self.reducer = reducer
+        self.buckets = []  # filled by plan_buckets: then MPI_Iallreduce sums them during backward
         self.consistency_every, self.reductions = int(consistency_every), 0
         self.synchronise()
 
@@ -77,9 +78,15 @@ class DataParallel:
         return global_batch[start:stop]
 
     def sum_path(self):
-        """How `allreduce_gradients` sums: "node shared memory", "MPI_Allreduce" or "none (one rank)"."""
+        """How the gradients are summed, for the banner and the bench: "node shared memory",
+        "MPI_Allreduce", "MPI_Iallreduce of N buckets" (planned: the buffer may still be the
+        node's, but the buckets never pass through it) or "none (one rank)"."""
+        if self.size == 1:
+            return self.comm.sum_path()
+        if self.buckets:
+            return f"MPI_Iallreduce of {len(self.buckets)} buckets"
         node_sums = getattr(self.comm, "node_sums", ())
-        if self.size > 1 and not any(node_sum.holds(self.flat.grads) for node_sum in node_sums):
+        if not any(node_sum.holds(self.flat.grads) for node_sum in node_sums):
             return "MPI_Allreduce"
         return self.comm.sum_path()
 

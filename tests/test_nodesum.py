@@ -12,6 +12,7 @@ from dpflow import nodesum
 from dpflow.comm import LocalCommunicator, create_communicator
 from dpflow.config import TrainConfig
 from dpflow.data import load_dataset
+from dpflow.output import banner_lines
 from dpflow.trainer import Trainer
 
 
@@ -93,10 +94,14 @@ def test_without_room_the_gradients_stay_private(monkeypatch):
     assert np.all(buffer == comm.size)
 
 
-def train(comm, reducer):
+def trainer_of(comm, reducer, **settings):
     config = TrainConfig(dataset="synthetic", hidden=[7, 5], epochs=2, batch_size=13, lr=0.1,
-                         optimizer="momentum", dtype="float64", seed=11, reducer=reducer)
-    trainer = Trainer(config, comm, load_dataset("synthetic", samples=51, features=6, classes=3, seed=5))
+                         optimizer="momentum", dtype="float64", seed=11, reducer=reducer, **settings)
+    return Trainer(config, comm, load_dataset("synthetic", samples=51, features=6, classes=3, seed=5))
+
+
+def train(comm, reducer):
+    trainer = trainer_of(comm, reducer)
     trainer.fit()
     return trainer
 
@@ -112,6 +117,20 @@ def test_training_through_shared_memory_equals_mpi_allreduce_and_one_process():
     assert np.max(np.abs(shared.flat.values - private.flat.values)) < 1e-12
     if comm.size == 2:  # a + b is b + a: the two paths agree to the bit
         assert np.array_equal(shared.flat.values, private.flat.values)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_banner_names_the_path_this_trainer_sums_by():
+    comm = create_communicator("mpi")
+    shared = trainer_of(comm, "flat")
+    private = trainer_of(comm, "mpi")  # on a communicator that already holds a window
+    overlapped = trainer_of(comm, "flat", bucket_mb=1e-4)  # buckets of MPI_Iallreduce
+    assert overlapped.overlap and comm.node_sums[-1].holds(overlapped.flat.grads)
+    paths = {"node shared memory": shared, "MPI_Allreduce": private,
+             f"MPI_Iallreduce of {len(overlapped.parallel.buckets)} buckets": overlapped}
+    for path, trainer in paths.items():
+        assert trainer.parallel.sum_path() == path
+        assert banner_lines(trainer, comm, "vm")[0].endswith(f"| gradients summed by {path}")
 
 
 def test_one_rank_has_a_plain_array_and_no_path():
