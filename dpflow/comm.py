@@ -199,15 +199,26 @@ class MPICommunicator(Communicator):
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def summable_zeros(self, size, dtype):
-        """In the node's shared memory when every rank is on this node and it has room (see
-        nodesum: a third of MPI_Allreduce's time for the gradients measured there), else a
-        plain array that MPI_Allreduce sums."""
+        """In the node's shared memory when every rank is on this node, it has room and MPI
+        makes the window (see nodesum: a third of MPI_Allreduce's time for the gradients
+        measured there), else a plain array that MPI_Allreduce sums."""
         if not 1 < self.size == self.local_size:
             return np.zeros(size, dtype)
         fits = self.node.bcast(room_for(size, dtype, self.local_size) if self.local_rank == 0 else None)
         if not fits:
             return np.zeros(size, dtype)
-        node_sum = NodeSum(self.MPI, self.node, size, dtype)
+        try:
+            node_sum = NodeSum(self.MPI, self.node, size, dtype)
+        except self.MPI.Exception:
+            # Open MPI with OMPI_MCA_osc set to components that serve no shared window (a
+            # site's `ucx` or `rdma`) refuses it on every rank: sum as across nodes instead.
+            node_sum = None
+        refused = self.node.allreduce(node_sum is None, op=self.MPI.LOR)
+        if refused and node_sum is not None:
+            raise RuntimeError("MPI made the gradients' shared-memory window on some ranks of this node "
+                               "and refused it on others; set `reducer` to mpi to keep them private")
+        if refused:
+            return np.zeros(size, dtype)
         self.node_sums.append(node_sum)
         return node_sum.array
 

@@ -14,6 +14,7 @@ from dpflow.config import TrainConfig
 from dpflow.data import load_dataset
 from dpflow.output import banner_lines
 from dpflow.trainer import Trainer
+from helpers import OPENMPI_ENV, launch_prefix, run
 
 
 def ranks_data(rank, size, dtype):
@@ -98,6 +99,48 @@ def trainer_of(comm, reducer, **settings):
     config = TrainConfig(dataset="synthetic", hidden=[7, 5], epochs=2, batch_size=13, lr=0.1,
                          optimizer="momentum", dtype="float64", seed=11, reducer=reducer, **settings)
     return Trainer(config, comm, load_dataset("synthetic", samples=51, features=6, classes=3, seed=5))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_window_mpi_cannot_make_leaves_the_gradients_private(monkeypatch):
+    comm = create_communicator("mpi")
+
+    def refused(MPI, node, size, dtype):  # as Open MPI refuses without a component for it
+        raise MPI.Exception(MPI.ERR_INTERN)
+
+    monkeypatch.setattr("dpflow.comm.NodeSum", refused)
+    buffer = comm.summable_zeros(10, np.float64)
+    assert comm.sum_path() == "MPI_Allreduce" and not comm.node_sums
+    buffer += 1
+    comm.allreduce_sum(buffer)
+    assert np.all(buffer == comm.size)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_window_made_on_some_ranks_only_is_an_error_there(monkeypatch):
+    comm = create_communicator("mpi")
+
+    def made_on_rank_0_only(MPI, node, size, dtype):
+        if node.Get_rank() != 0:
+            raise MPI.Exception(MPI.ERR_INTERN)
+        return SimpleNamespace(array=np.zeros(size, dtype))
+
+    monkeypatch.setattr("dpflow.comm.NodeSum", made_on_rank_0_only)
+    if comm.rank == 0:  # the others would sum by MPI_Allreduce, and rank 0 wait for them
+        with pytest.raises(RuntimeError, match="refused it on others; set `reducer` to mpi"):
+            comm.summable_zeros(10, np.float64)
+    else:
+        assert not comm.summable_zeros(10, np.float64).any() and not comm.node_sums
+
+
+def test_open_mpi_with_no_component_for_shared_windows_trains_by_mpi_allreduce():
+    # A site's OMPI_MCA_osc (ucx or rdma: one-sided over the network) leaves Open MPI no
+    # component for a shared-memory window, and MPI_Win_allocate_shared fails on every rank.
+    launcher, dpflow, _ = launch_prefix("openmpi", 2)
+    result = run([*launcher, *dpflow, "train", "--epochs", "1", "--hidden", "8"], timeout=60,
+                 env={**OPENMPI_ENV, "OMPI_MCA_osc": "rdma"})
+    assert result.returncode == 0, result
+    assert "gradients summed by MPI_Allreduce" in result.stdout and "done:" in result.stdout, result
 
 
 def train(comm, reducer):
