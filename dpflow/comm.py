@@ -48,6 +48,9 @@ class Communicator(abc.ABC):
         """How `allreduce_sum` sums an array from `summable_zeros`, for the banner."""
         return "none (one rank)" if self.size == 1 else "MPI_Allreduce"
 
+    def release(self, array):
+        """Give back what `summable_zeros` took for `array`, which nothing may use after. Collective."""
+
     def allreduce_sum_each(self, buffers):
         """The naive reducer: one allreduce per array; the readable reference. Collective."""
         for buffer in buffers:
@@ -226,6 +229,13 @@ class MPICommunicator(Communicator):
         if self.size == 1:
             return "none (one rank)"
         return "node shared memory" if self.node_sums else "MPI_Allreduce"
+
+    def release(self, array):
+        for node_sum in self.node_sums:
+            if node_sum.holds(array):
+                self.node_sums.remove(node_sum)
+                node_sum.free()
+                return
 
     def start_allreduce_sum(self, buffer):
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)

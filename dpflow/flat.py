@@ -35,12 +35,25 @@ class FlatParameters:
         self.grads = zeros(self.size + extra_slots, self.dtype)  # the communicator's, to sum fast
         self.param_grads = self.grads[: self.size]
         self.extra = self.grads[self.size:]
-        for name in self.names:
-            param = params[name]
+        self.params = {name: params[name] for name in self.names}
+        for name, param in self.params.items():
             view = self.view(self.values, name)
             view[...] = param.value
             param.value = view
             param.bind_gradient(self.view(self.grads, name))
+
+    def move_grads(self, grads):
+        """Make `grads`, a copy of the gradient buffer in other memory, the gradient buffer: the
+        parameters' gradients, and their consumers' views of them from the last backward, point
+        into it, so that the old buffer may be freed."""
+        old, self.grads = self.grads, grads
+        self.param_grads, self.extra = grads[: self.size], grads[self.size:]
+        for name, param in self.params.items():
+            view = self.view(grads, name)
+            param.bind_gradient(view)
+            for layer in param.outbound_layers:
+                if param in layer.gradients and np.shares_memory(layer.gradients[param], old):
+                    layer.gradients[param] = view
 
     def view(self, buffer, name):
         """The part of a flat buffer that belongs to parameter `name`, in its shape."""

@@ -53,6 +53,11 @@ class NodeSum:
         self.address = self.array.__array_interface__["data"][0]
         node.Barrier()
 
+    def free(self):
+        """Unmap the window; nothing may use `array` or a view of it after. Collective."""
+        self.array = self.sums = self.buffers = None
+        self.window.Free()
+
     def holds(self, buffer):
         """Whether `buffer` is a contiguous view of `array` (so every rank can read it)."""
         if not isinstance(buffer, np.ndarray) or buffer.dtype != self.dtype or not buffer.flags.c_contiguous:

@@ -90,6 +90,15 @@ class DataParallel:
             return "MPI_Allreduce"
         return self.comm.sum_path()
 
+    def release_shared_memory(self):
+        """Move the gradients into private memory and give the node's shared memory back (see
+        nodesum): a process that trains several times, as a sweep of `dpflow.fit` calls does,
+        kept every run's window until it exited. Later sums go through MPI_Allreduce. Collective."""
+        shared = self.flat.grads
+        if any(node_sum.holds(shared) for node_sum in getattr(self.comm, "node_sums", ())):
+            self.flat.move_grads(np.array(shared))
+            self.comm.release(shared)
+
     def allreduce_gradients(self):
         """Sum every gradient (and any extra slots) over all ranks, in place. Collective."""
         if self.reducer == "naive":

@@ -209,6 +209,7 @@ def train(config, comm, safety, data=None, model=None):
             reporter.close()
         if lock:
             lock.release()
+    trainer.parallel.release_shared_memory()  # a script's next dpflow.fit() gets it again
     save_error = None
     if config.save and comm.is_root:
         try:

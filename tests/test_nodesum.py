@@ -2,7 +2,9 @@
 summing in rank order, for the whole buffer and for any view of it, and the fallbacks to
 MPI_Allreduce. The MPI-marked tests run under mpiexec -n 2/3/4 (pytest --with-mpi)."""
 
+import dataclasses
 import os
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -96,8 +98,9 @@ def test_without_room_the_gradients_stay_private(monkeypatch):
 
 
 def trainer_of(comm, reducer, **settings):
-    config = TrainConfig(dataset="synthetic", hidden=[7, 5], epochs=2, batch_size=13, lr=0.1,
-                         optimizer="momentum", dtype="float64", seed=11, reducer=reducer, **settings)
+    settings = {"epochs": 2, **settings}
+    config = TrainConfig(dataset="synthetic", hidden=[7, 5], batch_size=13, lr=0.1, optimizer="momentum",
+                         dtype="float64", seed=11, reducer=reducer, **settings)
     return Trainer(config, comm, load_dataset("synthetic", samples=51, features=6, classes=3, seed=5))
 
 
@@ -174,6 +177,58 @@ def test_the_banner_names_the_path_this_trainer_sums_by():
     for path, trainer in paths.items():
         assert trainer.parallel.sum_path() == path
         assert banner_lines(trainer, comm, "vm")[0].endswith(f"| gradients summed by {path}")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_released_gradients_are_private_and_training_goes_on():
+    comm = create_communicator("mpi")
+    trainer = train(comm, "flat")
+    shared, windows = trainer.flat.grads, len(comm.node_sums)
+    before = np.array(shared)
+    trainer.parallel.release_shared_memory()
+    assert len(comm.node_sums) == windows - 1 and trainer.parallel.sum_path() == "MPI_Allreduce"
+    grads = trainer.flat.grads
+    assert np.array_equal(grads, before) and not np.shares_memory(grads, shared)
+    for param in trainer.model.params.values():  # no view of the freed window is left in the graph
+        held = [param.gradients[param]] + [layer.gradients[param] for layer in param.outbound_layers
+                                           if param in layer.gradients]
+        assert all(not np.shares_memory(array, shared) for array in held), param.name
+    trainer.config = dataclasses.replace(trainer.config, epochs=3)
+    trainer.fit()
+    reference = trainer_of(LocalCommunicator(), "flat", epochs=3)
+    reference.fit()
+    assert np.max(np.abs(trainer.flat.values - reference.flat.values)) < 1e-10
+
+
+SWEEP = """
+import dpflow, dpflow.comm
+from dpflow.nodesum import NodeSum
+
+live = []
+
+class Counted(NodeSum):
+    def __init__(self, *args):
+        super().__init__(*args)
+        live.append(self)
+
+    def free(self):
+        live.remove(self)
+        super().free()
+
+dpflow.comm.NodeSum = Counted
+for lr in (0.1, 0.2, 0.3):
+    dpflow.fit("mlp", "synthetic", hidden=[8], samples=64, features=6, epochs=1, batch_size=16, lr=lr)
+    print("windows left:", len(live), flush=True)
+"""
+
+
+def test_a_sweep_of_fit_calls_gives_each_run_s_shared_memory_back(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    result = run([sys.executable, str(script)], ranks=2, timeout=60)
+    assert result.returncode == 0, result
+    assert result.stdout.count("gradients summed by node shared memory") == 3, result
+    assert result.stdout.count("windows left: 0") == 6, result  # each rank, after each run
 
 
 def test_one_rank_has_a_plain_array_and_no_path():
