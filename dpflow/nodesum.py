@@ -50,12 +50,25 @@ class NodeSum:
         # Room for tree_sum's partial sums; the first goes into `sums`.
         self.scratch = [np.empty(-(-size // self.ranks), self.dtype) for _ in range(partial_sums(self.ranks) - 1)]
         self.array[...] = 0
+        if self.rank == 0:
+            self.sums[...] = 0  # its pages taken now: a full /dev/shm fails here, not mid-run
         self.address = self.array.__array_interface__["data"][0]
-        node.Barrier()
+        # The MPI standard's recipe for plain loads and stores in a shared window: a passive
+        # epoch for the window's life, and Win_sync on both sides of each barrier, so that what
+        # one rank wrote before the barrier is what the others read after it on any CPU (x86
+        # orders stores anyway; weaker memory models need the fences).
+        self.window.Lock_all(MPI.MODE_NOCHECK)
+        self.synchronised_barrier()
+
+    def synchronised_barrier(self):
+        self.window.Sync()
+        self.node.Barrier()
+        self.window.Sync()
 
     def free(self):
         """Unmap the window; nothing may use `array` or a view of it after. Collective."""
         self.array = self.sums = self.buffers = None
+        self.window.Unlock_all()
         self.window.Free()
 
     def holds(self, buffer):
@@ -72,12 +85,12 @@ class NodeSum:
         n = buffer.size
         lo = first + self.rank * n // self.ranks
         hi = first + (self.rank + 1) * n // self.ranks
-        self.node.Barrier()  # every rank's part is written
+        self.synchronised_barrier()  # every rank's gradients are written
         if hi > lo:
             with np.errstate(over="ignore", invalid="ignore"):  # as MPI's sum: the trainer checks
-                tree_sum([buffer[lo:hi] for buffer in self.buffers], self.sums[lo:hi],
+                tree_sum([other[lo:hi] for other in self.buffers], self.sums[lo:hi],
                          [scratch[:hi - lo] for scratch in self.scratch])
-        self.node.Barrier()  # every part of the sum is written
+        self.synchronised_barrier()  # every part of the sum is written
         buffer.reshape(-1)[...] = self.sums[first:first + n]
 
 
