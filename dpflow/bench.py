@@ -7,12 +7,13 @@ at the per-rank batch.
 """
 
 import json
+import os
 import resource
 import time
 
 import numpy as np
 
-from . import _threads
+from . import _threads, launcher
 from .config import add_setting_arguments, build_config, given_settings
 from .data import Dataset
 from .errors import UsageError
@@ -382,8 +383,14 @@ def run_predict(args, config, shape, comm):
     node_counts = positive_list(args.nodes, "--nodes", int)
     networks = positive_list(args.network_gbps, "--network-gbps", float)
     curve = measure_allreduce_curve(comm, np.float32)
-    alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
-    host_beta = costmodel.bulk_beta([b for b, _ in curve], [t for _, t in curve], p=comm.size)
+    # The algorithm this run's allreduce took; on one host the ranks share memory, where ring's
+    # form fits as well as any. Across hosts MPICH reduces within each host first: the hosts
+    # are the ranks of the allreduce that crosses the links.
+    hosts = len(set(comm.allgather_object(comm.hostname())))
+    running = (launcher.allreduce_algorithm(comm.library(), hosts, os.environ) if hosts > 1 else None) or "ring"
+    fitted_p = hosts if hosts > 1 else comm.size
+    alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=fitted_p, algorithm=running)
+    host_beta = costmodel.bulk_beta([b for b, _ in curve], [t for _, t in curve], p=fitted_p, algorithm=running)
     network_alpha = (args.network_alpha_us * 1e-6 if args.network_alpha_us is not None
                      else max(alpha, 25e-6))
     # The model asked for, and for an mlp one with hidden layers 5x as wide (about 10x the
@@ -397,14 +404,17 @@ def run_predict(args, config, shape, comm):
         seconds, grad_bytes = compute_seconds(each, comm, shape)
         for gbps in networks:
             net_beta = costmodel.network_beta(gbps, 1e-9 / args.host_gbs if args.host_gbs else 0.0)
-            crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta)
+            crossover = costmodel.crossover_nodes(grad_bytes, seconds, network_alpha, net_beta,
+                                                  launcher.allreduce_algorithm(comm.library(), 2, os.environ))
             for nodes in node_counts:
-                prediction = costmodel.predict(nodes, grad_bytes, seconds, network_alpha, net_beta)
+                prediction = costmodel.predict(nodes, grad_bytes, seconds, network_alpha, net_beta,
+                                               algorithm=launcher.allreduce_algorithm(comm.library(), nodes, os.environ))
                 rows.append({"model": label, "params_mb": grad_bytes / 1e6, "compute_ms": 1e3 * seconds,
                              "gbps": gbps, "beta_gb_s": 1e-9 / net_beta, "host_bound": net_beta > costmodel.line_rate_beta(gbps),
                              "crossover_nodes": crossover, **prediction})
     if comm.is_root:
-        report = {"measured": {"world_size": comm.size, "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
+        report = {"measured": {"world_size": comm.size, "hosts": hosts, "library": comm.library(), "algorithm": running,
+                               "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
                                "curve": curve, "host_gb_s": 1e-9 / host_beta if host_beta else None},
                   "network_alpha_us": network_alpha * 1e6, "host_gbs": args.host_gbs, "per_node_batch": config.batch_size,
                   "predictions": rows}
@@ -418,7 +428,8 @@ def run_predict(args, config, shape, comm):
 def format_prediction(report):
     measured = report["measured"]
     lines = [
-        f"allreduce measured here on {measured['world_size']} ranks: alpha {measured['alpha_us']:.2f} us, "
+        f"allreduce measured here on {measured['world_size']} ranks ({measured['hosts']} host(s), fitted to "
+        f"{measured['algorithm']}'s form): alpha {measured['alpha_us']:.2f} us, "
         f"bandwidth 1/beta {measured['beta_gb_s']:.2f} GB/s "
         f"(at its largest message, {measured['host_gb_s']:.2f} GB/s)",
         f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at 90% of line rate"

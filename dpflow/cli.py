@@ -23,7 +23,7 @@ from .config import FIELDS, TrainConfig, add_setting_arguments, build_config, gi
 from .errors import UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
-from .launcher import launcher_rank, mpich_settings
+from .launcher import apply_mpich_settings, launcher_rank
 from .run import load_data, model_layout, train
 
 
@@ -218,7 +218,7 @@ def main(argv=None):
             return 2
         from .comm import create_communicator
 
-        os.environ.update(mpich_settings())  # read by MPI_Init: before the communicator
+        apply_mpich_settings()  # read by MPI_Init: before the communicator
         comm = create_communicator()
         with SafetyNet(comm) as safety:
             return COMMANDS[args.command][0](args, comm, safety)

@@ -39,8 +39,47 @@ def started_by_slurm_pmi(environ=os.environ):
             and not any(name in environ for name in HYDRA_VARIABLES))
 
 
+NETMOD_VARIABLE = "MPIR_CVAR_CH4_NETMOD"
+# MPICH reads the allreduce algorithm under any of these names; the first is the documented one.
+ALLREDUCE_VARIABLES = ("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM", "MPICH_ALLREDUCE_INTRA_ALGORITHM",
+                       "MPIR_PARAM_ALLREDUCE_INTRA_ALGORITHM")
+# The names of the settings dpflow added (comma-separated), so that a user's own stay told apart.
+CHOSEN_VARIABLE = "DPFLOW_MPICH_SETTINGS"
+# MPICH's names of the allreduce algorithms the cost model knows ("auto" is MPICH's own choice).
+MPICH_ALGORITHMS = {"auto": "rabenseifner", "reduce_scatter_allgather": "rabenseifner", "ring": "ring",
+                    "recursive_doubling": "recursive doubling"}
+
+
+def power_of_two(n):
+    return n >= 1 and n & (n - 1) == 0
+
+
+def spans_hosts(environ=os.environ):
+    """True when the job's ranks are on more than one host, False on one, None when the launcher
+    does not say. The same answer on every rank: hydra's count of ranks on this host equals the
+    world size on every rank or on none; Slurm's node count is the step's."""
+    size, local = launcher_size(environ), _first_int(LOCAL_SIZE_VARIABLES, environ)
+    if size and local:
+        return local < size
+    nodes = _first_int(("SLURM_STEP_NUM_NODES",), environ)
+    return nodes > 1 if nodes else None
+
+
+def prefers_ring(size, several_hosts):
+    """dpflow's allreduce for MPICH: ring across a number of ranks that is not a power of two.
+
+    MPICH's own choice for a gradient, Rabenseifner, first folds the ranks beyond a power of two
+    into their neighbours, whole vectors in and whole results out: on 3 hosts over 1 Gbit/s links
+    it took 45-47 ms for a 2.1 MB gradient where ring took 24-25 (each host sent 1, 2 and 1 times
+    the gradient instead of 1.33; see dpflow.costmodel). On a power of two both move the same
+    bytes and Rabenseifner takes fewer steps; on one host the ranks share memory, where ring was
+    slower, so both are left to MPICH."""
+    return bool(several_hosts) and not power_of_two(size)
+
+
 def mpich_settings(environ=os.environ):
     """MPICH settings this process needs before MPI starts and does not have: {name: value}.
+    Every rank must get the same ones: they decide the algorithms of collectives.
 
     Under Slurm's mpi/pmi2 plugin: the OFI netmod, not UCX. The plugin reads each PMI-1
     request with one read() of at most 1024 bytes, yet advertises 1024-byte values; the
@@ -50,11 +89,54 @@ def mpich_settings(environ=os.environ):
     address exchange sends 511-byte slices of padded addresses, hex-encoded and run-length
     compressed; the padding is leftover heap, so whether a slice passes the limit depends
     on the environment. OFI sends one short address per node (16 bytes over TCP).
-    A netmod the user chose wins.
+
+    Across hosts, on a number of ranks that is not a power of two: the ring allreduce
+    (`prefers_ring`). A netmod or an allreduce algorithm the user chose wins.
     """
-    if started_by_slurm_pmi(environ) and "MPIR_CVAR_CH4_NETMOD" not in environ:
-        return {"MPIR_CVAR_CH4_NETMOD": "ofi"}
-    return {}
+    settings = {}
+    if started_by_slurm_pmi(environ) and NETMOD_VARIABLE not in environ:
+        settings[NETMOD_VARIABLE] = "ofi"
+    size = launcher_size(environ)
+    if (size and prefers_ring(size, spans_hosts(environ))
+            and not any(name in environ for name in ALLREDUCE_VARIABLES)):
+        settings[ALLREDUCE_VARIABLES[0]] = "ring"
+    return settings
+
+
+def apply_mpich_settings(environ=os.environ):
+    """Add `mpich_settings` to `environ`, naming them in DPFLOW_MPICH_SETTINGS. Before MPI starts."""
+    settings = mpich_settings(environ)
+    if settings:
+        environ.update(settings)
+        environ[CHOSEN_VARIABLE] = ",".join(sorted(settings))
+    return settings
+
+
+def chosen_by_dpflow(name, environ=os.environ):
+    """True when dpflow, not the user, set the environment variable `name`."""
+    return name in environ.get(CHOSEN_VARIABLE, "").split(",")
+
+
+def allreduce_setting(environ=os.environ):
+    """(value, whose) of MPICH's allreduce algorithm variable: whose is "dpflow" or "user";
+    (None, None) when neither set one."""
+    for name in ALLREDUCE_VARIABLES:
+        if name in environ:
+            return environ[name], "dpflow" if chosen_by_dpflow(name, environ) else "user"
+    return None, None
+
+
+def allreduce_algorithm(library, hosts, environ=os.environ):
+    """The cost model's name for the algorithm `library` runs for a gradient-sized allreduce
+    across `hosts` hosts started by dpflow, or None for one the model does not know. MPICH: the
+    user's setting, else dpflow's (`prefers_ring`), else its own, Rabenseifner. Open MPI: its
+    tuned module's Rabenseifner (from 256 KB on 2-3 ranks, 8 KB from 4)."""
+    if not str(library).startswith("MPICH"):
+        return "rabenseifner"
+    value, whose = allreduce_setting(environ)
+    if whose != "user":
+        return "ring" if prefers_ring(hosts, hosts > 1) else "rabenseifner"
+    return MPICH_ALGORITHMS.get(value.strip().lower())
 
 
 @contextlib.contextmanager

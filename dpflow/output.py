@@ -10,7 +10,7 @@ from collections import Counter
 
 import numpy as np
 
-from . import __version__, _threads
+from . import __version__, _threads, launcher
 from .comm import mpi4py_version
 from .errors import UsageError
 from .sharding import shard_bounds
@@ -23,13 +23,21 @@ def describe_hosts(comm):
 
 
 def mpi_description(comm):
-    """The MPI library, and MPICH's netmod when one was chosen (dpflow chooses OFI under
-    `srun --mpi=pmi2`; see `launcher.mpich_settings`)."""
+    """The MPI library, and the MPICH settings that change how it runs: the netmod (dpflow
+    chooses OFI under `srun --mpi=pmi2`) and the allreduce algorithm (dpflow chooses ring across
+    hosts on a number of ranks that is not a power of two); see `launcher.mpich_settings`."""
     library = comm.library()
-    netmod = os.environ.get("MPIR_CVAR_CH4_NETMOD")
-    if netmod and str(library).startswith("MPICH"):
-        return f"{library} (netmod {netmod})"
-    return library
+    if not str(library).startswith("MPICH"):
+        return library
+    settings = []
+    netmod = os.environ.get(launcher.NETMOD_VARIABLE)
+    if netmod:
+        settings.append(f"netmod {netmod}")
+    algorithm, whose = launcher.allreduce_setting()
+    if algorithm:
+        settings.append(f"allreduce {algorithm}, chosen by " + (f"dpflow for {comm.size} ranks across hosts"
+                                                                 if whose == "dpflow" else "the environment"))
+    return f"{library} ({'; '.join(settings)})" if settings else library
 
 
 def banner_lines(trainer, comm, hosts):

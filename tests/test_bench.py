@@ -27,3 +27,16 @@ def test_bench_text_report(dpflow):
     result = dpflow("bench", "--features", "20", "--hidden", "16", "--classes", "3", "--batch-size", "16",
                     "--steps", "3", "--warmup", "1", timeout=60)
     assert result.returncode == 0 and "samples/s" in result.stdout and "GEMMs alone" in result.stdout
+
+
+def test_predict_times_the_algorithm_that_runs_at_each_node_count(dpflow):
+    result = dpflow("bench", "--features", "20", "--hidden", "16", "--classes", "3", "--batch-size", "16",
+                    "--predict", "--nodes", "2,3,4", "--network-gbps", "1", "--json", ranks=2, timeout=120)
+    assert result.returncode == 0, result
+    report = json.loads(result.stdout)
+    assert report["measured"]["hosts"] == 1 and report["measured"]["algorithm"] == "ring"  # shared memory: ring's form
+    mpich = report["measured"]["library"].startswith("MPICH")
+    algorithms = {row["nodes"]: row["algorithm"] for row in report["predictions"]}
+    # MPICH runs Rabenseifner on a power of two; on 3 hosts dpflow asks it for ring, whose time
+    # is the one predicted. Open MPI runs Rabenseifner, folding the third host in.
+    assert algorithms == {2: "rabenseifner", 3: "ring" if mpich else "rabenseifner", 4: "rabenseifner"}

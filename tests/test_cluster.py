@@ -340,9 +340,11 @@ def single_process_parameters(tmp_path_factory):
 
 @needs_dpflow
 @pytest.mark.slow
-@pytest.mark.parametrize("hosts, ranks_per_host", [(4, 1), (2, 2)])
+@pytest.mark.parametrize("hosts, ranks_per_host", [(4, 1), (2, 2), (3, 1)])
 def test_training_across_hosts_equals_one_process(tmp_path, single_process_parameters,
                                                   hosts, ranks_per_host):
+    """On 3 hosts dpflow asks MPICH for the ring allreduce (launcher.prefers_ring): it must
+    sum to the same parameters too."""
     run_id, status, out, err, seconds = run_cluster(
         ["--hosts", str(hosts), "--ranks-per-host", str(ranks_per_host),
          "--report-json", "report.json", "--timeout", "150", "--",
@@ -353,6 +355,8 @@ def test_training_across_hosts_equals_one_process(tmp_path, single_process_param
     assert rank_statuses(out) == {rank: 0 for rank in range(size)}, out
     for host in range(hosts):
         assert f"node{host}" in out  # rank 0's banner lists every host
+    if FLAVOR == "mpich":
+        assert ("allreduce ring, chosen by dpflow for 3 ranks across hosts" in out) == (hosts == 3), out
     parameters = load(tmp_path / "p.npz")
     assert sorted(parameters) == sorted(single_process_parameters)
     for name, expected in single_process_parameters.items():
