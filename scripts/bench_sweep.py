@@ -737,8 +737,15 @@ def cluster_section(cluster, failed=None):
             "--host-gbs G` run on the same cluster (its compute time is measured there with the same ranks side by",
             "side; its alpha is the model's per-message latency, shown; its beta the line rate at 90% efficiency or",
             "G, whichever is slower, where G is the bandwidth the same hosts' allreduce reached at its largest",
-            "message on unshaped links, measured before: the hosts' own TCP stack on these shared cores).", "",
+            "message on unshaped links, measured before: the hosts' own TCP stack on these shared cores).",
+            "The model times the algorithm MPI runs under dpflow (`dpflow.launcher.allreduce_algorithm`), here",
+            "; ".join(f"{algorithm} at {', '.join(map(str, hosts))} hosts" for algorithm, hosts in algorithms_by_hosts(shaped))
+            + ". MPICH's own choice for a gradient is Rabenseifner (reduce-scatter by recursive halving,",
+            "allgather by recursive doubling: ring's 2(p-1)/p n bytes in 2 log2 p steps); on a number of hosts that is not a power",
+            "of two it first folds the extra hosts into neighbours, whole gradient in and whole result out (3 n beta",
+            "on 3 hosts), so there dpflow asks MPICH for ring (2(p-1)/p n: 1.33 n beta on 3 hosts).", "",
             table(shaped, [("link", lambda s: s["rate"]), ("hosts", lambda s: str(s["hosts"])),
+                           ("algorithm", lambda s: s["predicted"]["algorithm"]),
                            ("measured step ms", lambda s: f"{s['measured']['step_ms']:.2f}"),
                            ("predicted step ms", lambda s: f"{s['predicted']['step_s'] * 1e3:.2f}"),
                            ("error", lambda s: pct(s["predicted"]["step_s"] * 1e3 / s["measured"]["step_ms"] - 1)),
@@ -813,6 +820,16 @@ def memory_section(memory, steps):
     ]
 
 
+def algorithms_by_hosts(shaped):
+    """[(algorithm, [host counts])] of the shaped-link rows, in the order they first appear."""
+    seen = {}
+    for row in shaped:
+        hosts = seen.setdefault(row["predicted"].get("algorithm", "?"), [])
+        if row["hosts"] not in hosts:
+            hosts.append(row["hosts"])
+    return list(seen.items())
+
+
 def format_prediction_section(prediction, cluster):
     measured = prediction["measured"]
     over_tcp = cluster["prediction"]["measured"] if cluster else None
@@ -829,8 +846,8 @@ def format_prediction_section(prediction, cluster):
            f"1/beta {over_tcp['beta_gb_s']:.2f} GB/s." if over_tcp else ""),
         f"For the networks, beta is 90% of line rate and alpha {prediction['network_alpha_us']:.0f} us per message.",
         "Weak scaling: each node keeps 256 samples per step and its measured compute time (forward,",
-        "backward and update on this 2-core node); the step adds one allreduce, ring or recursive",
-        "doubling, whichever the model finds faster; no overlap assumed.",
+        "backward and update on this 2-core node); the step adds one allreduce by the algorithm MPICH runs",
+        "under dpflow at that node count (Rabenseifner on a power of two, ring otherwise); no overlap assumed.",
         "",
         table(rows, [("model", lambda r: r["model"]), ("gradient MB", lambda r: f"{r['params_mb']:.1f}"),
                      ("network", lambda r: f"{r['gbps']:g} Gb/s"), ("nodes", lambda r: str(r["nodes"])),
