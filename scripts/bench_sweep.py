@@ -123,16 +123,22 @@ def cluster_available():
     return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("unshare") is not None
 
 
-def on_cluster(args, hosts=2, rate=None, timeout=300):
+def on_cluster(args, hosts=2, rate=None, timeout=300, env=None):
     """`dpflow ARGS` on `hosts` namespace hosts x 1 rank (scripts/cluster): MPI over TCP on
-    veth links, shaped to `rate` each way if given."""
+    veth links, shaped to `rate` each way if given; `env` adds to the environment."""
     command = [os.path.join(ROOT, "scripts", "cluster"), "--hosts", str(hosts), "--ranks-per-host", "1",
                "--timeout", str(timeout), *(["--link-rate", rate] if rate else []), "--",
                os.path.join(VENV, "bin", "dpflow"), *args]
+    env = {**bench_env(), **(env or {})}
     try:
-        return run_json(command, bench_env(), timeout=timeout + 100, fail=raise_failure)
+        return run_json(command, env, timeout=timeout + 100, fail=raise_failure)
     except RunFailed:  # once more: another job on this machine may have held the namespaces
-        return run_json(command, bench_env(), timeout=timeout + 100, fail=raise_failure)
+        return run_json(command, env, timeout=timeout + 100, fail=raise_failure)
+
+
+# MPICH left to its own allreduce (Rabenseifner, which folds the ranks beyond a power of two),
+# where dpflow would ask for ring: the comparison behind dpflow's choice (launcher.prefers_ring).
+MPICH_OWN = {"MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM": "auto"}
 
 
 def machine_facts():
@@ -310,23 +316,34 @@ def measure_cluster(args, steps, warmup):
     # What the hosts' own TCP stack reaches on unshaped links, at each host count (the hosts
     # share this machine's cores): the model bounds a faster link by it.
     cluster["host_gbs"] = {2: cluster["prediction"]["measured"]["host_gb_s"]}
+    predict_args = ["bench", *MODEL, "--batch-size", "256", "--predict", "--json"]
+    odd_hosts = [hosts for hosts in SHAPED_HOSTS if hosts & (hosts - 1)]
+    cluster["mpich_own"], cluster["host_gbs_mpich_own"] = [], {}
     for hosts in SHAPED_HOSTS:
         if hosts not in cluster["host_gbs"]:
-            unshaped = on_cluster(["bench", *MODEL, "--batch-size", "256", "--predict", "--json", "--nodes", str(hosts)], hosts)
+            unshaped = on_cluster([*predict_args, "--nodes", str(hosts)], hosts)
             cluster["host_gbs"][hosts] = unshaped["measured"]["host_gb_s"]
-    for rate in SHAPED_RATES:
+        if hosts in odd_hosts:
+            unshaped = on_cluster([*predict_args, "--nodes", str(hosts)], hosts, env=MPICH_OWN)
+            cluster["host_gbs_mpich_own"][hosts] = unshaped["measured"]["host_gb_s"]
+
+    def shaped_row(rate, hosts, host_gbs, env=None):
         gbps = float(rate[:-4])
+        measured = say(f"cluster {rate} x{hosts}" + (" MPICH's own allreduce" if env else ""),
+                       on_cluster(bench_args, hosts, rate, env=env))
+        predicted = on_cluster([*predict_args, "--nodes", str(hosts), "--network-gbps", f"{gbps:g}",
+                                "--host-gbs", f"{host_gbs:.4g}"], hosts, rate, env=env)
+        row = next(r for r in predicted["predictions"] if r["model"].startswith("MLP"))
+        return {"rate": rate, "gbps": gbps, "hosts": hosts, "measured": measured, "predicted": row,
+                "fitted": predicted["measured"], "network_alpha_us": predicted["network_alpha_us"],
+                "host_gbs": host_gbs}
+
+    for rate in SHAPED_RATES:
         for hosts in SHAPED_HOSTS:
             print(f"shaped links: {rate}, {hosts} hosts", flush=True)
-            measured = say(f"cluster {rate} x{hosts}", on_cluster(bench_args, hosts, rate))
-            predicted = on_cluster(["bench", *MODEL, "--batch-size", "256", "--predict", "--json",
-                                    "--nodes", str(hosts), "--network-gbps", f"{gbps:g}",
-                                    "--host-gbs", f"{cluster['host_gbs'][hosts]:.4g}"], hosts, rate)
-            row = next(r for r in predicted["predictions"] if r["model"].startswith("MLP"))
-            cluster["shaped"].append({"rate": rate, "gbps": gbps, "hosts": hosts, "measured": measured,
-                                      "predicted": row, "fitted": predicted["measured"],
-                                      "network_alpha_us": predicted["network_alpha_us"],
-                                      "host_gbs": cluster["host_gbs"][hosts]})
+            cluster["shaped"].append(shaped_row(rate, hosts, cluster["host_gbs"][hosts]))
+            if hosts in odd_hosts:  # right after dpflow's row, so that both see the same machine
+                cluster["mpich_own"].append(shaped_row(rate, hosts, cluster["host_gbs_mpich_own"][hosts], MPICH_OWN))
             if hosts in (2, 4):
                 for bucket in ("0.5", "2"):
                     run = on_cluster([*bench_args, "--bucket-mb", bucket], hosts, rate)
@@ -744,13 +761,7 @@ def cluster_section(cluster, failed=None):
             "allgather by recursive doubling: ring's 2(p-1)/p n bytes in 2 log2 p steps); on a number of hosts that is not a power",
             "of two it first folds the extra hosts into neighbours, whole gradient in and whole result out (3 n beta",
             "on 3 hosts), so there dpflow asks MPICH for ring (2(p-1)/p n: 1.33 n beta on 3 hosts).", "",
-            table(shaped, [("link", lambda s: s["rate"]), ("hosts", lambda s: str(s["hosts"])),
-                           ("algorithm", lambda s: s["predicted"]["algorithm"]),
-                           ("measured step ms", lambda s: f"{s['measured']['step_ms']:.2f}"),
-                           ("predicted step ms", lambda s: f"{s['predicted']['step_s'] * 1e3:.2f}"),
-                           ("error", lambda s: pct(s["predicted"]["step_s"] * 1e3 / s["measured"]["step_ms"] - 1)),
-                           ("measured raw Allreduce ms", lambda s: f"{s['measured']['raw_allreduce_ms']:.2f}"),
-                           ("predicted allreduce ms", lambda s: f"{s['predicted']['comm_s'] * 1e3:.2f}"),
+            table(shaped, [*SHAPED_COLUMNS,
                            ("compute ms", lambda s: f"{s['predicted']['compute_ms']:.2f}"),
                            ("model GB/s", lambda s: f"{s['predicted']['beta_gb_s']:.3f}"
                                                         + (" (hosts)" if s["predicted"]["host_bound"] else " (link)")),
@@ -780,6 +791,7 @@ def cluster_section(cluster, failed=None):
                f"{worst['measured']['sync_alone_ms']:.2f} ms (the links' token buckets refill while the ranks compute)")
             + f"; the raw Allreduce {worst['measured']['raw_allreduce_ms']:.2f} ms.", "",
         ]
+        lines += mpich_own_lines(shaped, cluster.get("mpich_own") or [])
     overlap = cluster.get("overlap") or []
     if overlap:
         rows, better = [], 0
@@ -817,6 +829,37 @@ def memory_section(memory, steps):
         "",
         "\"Added by training\" is the peak RSS minus the RSS measured before the model was built (the",
         "interpreter, numpy and the MPI library come before it).", "",
+    ]
+
+
+SHAPED_COLUMNS = [
+    ("link", lambda s: s["rate"]), ("hosts", lambda s: str(s["hosts"])),
+    ("algorithm", lambda s: s["predicted"]["algorithm"]),
+    ("measured step ms", lambda s: f"{s['measured']['step_ms']:.2f}"),
+    ("predicted step ms", lambda s: f"{s['predicted']['step_s'] * 1e3:.2f}"),
+    ("error", lambda s: pct(s["predicted"]["step_s"] * 1e3 / s["measured"]["step_ms"] - 1)),
+    ("measured raw Allreduce ms", lambda s: f"{s['measured']['raw_allreduce_ms']:.2f}"),
+    ("predicted allreduce ms", lambda s: f"{s['predicted']['comm_s'] * 1e3:.2f}"),
+]
+
+
+def mpich_own_lines(shaped, own):
+    """dpflow's rows on a number of hosts that is not a power of two, each beside the same run
+    with MPICH's own allreduce."""
+    pairs = [(next(s for s in shaped if s["rate"] == o["rate"] and s["hosts"] == o["hosts"]), o) for o in own]
+    if not pairs:
+        return []
+    step = lambda row: row["measured"]["step_ms"]  # noqa: E731
+    return [
+        "Where the number of hosts is not a power of two, each row again with MPICH left to its own allreduce",
+        "(`MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=auto`, a setting dpflow leaves alone), run right after dpflow's, with",
+        "its own unshaped host bandwidth:", "",
+        table([row for pair in pairs for row in pair],
+              [*SHAPED_COLUMNS, ("load", lambda s: f"{s['measured']['load']:.1f}")]),
+        "",
+        " ".join(f"On {d['rate']} links at {d['hosts']} hosts dpflow's {d['predicted']['algorithm']} step took "
+                 f"{step(d):.2f} ms, MPICH's own {o['predicted']['algorithm']} {step(o):.2f} ms ({step(o) / step(d):.2f}x)."
+                 for d, o in pairs), "",
     ]
 
 
