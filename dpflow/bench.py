@@ -60,8 +60,8 @@ def add_bench_arguments(parser):
                         help="skip the gradient allreduce: the compute-only ceiling")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--predict", action="store_true",
-                        help="measure allreduce latency and bandwidth here, fit the ring / recursive-"
-                             "doubling cost model, and predict step time at 8 to 1,024 nodes")
+                        help="measure allreduce latency and bandwidth here, fit the cost model of the "
+                             "allreduce algorithm that runs, and predict step time at 8 to 1,024 nodes")
     parser.add_argument("--nodes", default=",".join(map(str, PREDICT_NODES)),
                         help="node counts --predict predicts for (default %(default)s)")
     parser.add_argument("--network-gbps", default=",".join(map(str, NETWORKS_GBPS)),
@@ -69,7 +69,7 @@ def add_bench_arguments(parser):
     parser.add_argument("--host-gbs", type=float, default=None, metavar="GB/S",
                         help="for --predict: the bandwidth the hosts' own network stack reaches, in GB/s (the "
                              "host_gb_s --predict --json reports on an unshaped link); a link faster than it "
-                             "is modelled at it (default: the links' 90%% of line rate alone)")
+                             "is modelled at it (default: the links' line rate, less TCP's and Ethernet's 6%%, alone)")
     parser.add_argument("--network-alpha-us", type=float, default=None,
                         help="per-message latency of the cluster network for --predict, in "
                              "microseconds (default: the value measured here, at least 25)")
@@ -416,7 +416,8 @@ def run_predict(args, config, shape, comm):
         report = {"measured": {"world_size": comm.size, "hosts": hosts, "library": comm.library(), "algorithm": running,
                                "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
                                "curve": curve, "host_gb_s": 1e-9 / host_beta if host_beta else None},
-                  "network_alpha_us": network_alpha * 1e6, "host_gbs": args.host_gbs, "per_node_batch": config.batch_size,
+                  "network_alpha_us": network_alpha * 1e6, "link_efficiency": costmodel.LINK_EFFICIENCY,
+                  "host_gbs": args.host_gbs, "per_node_batch": config.batch_size,
                   "predictions": rows}
         if args.json:
             print(json.dumps(report))
@@ -432,7 +433,8 @@ def format_prediction(report):
         f"{measured['algorithm']}'s form): alpha {measured['alpha_us']:.2f} us, "
         f"bandwidth 1/beta {measured['beta_gb_s']:.2f} GB/s "
         f"(at its largest message, {measured['host_gb_s']:.2f} GB/s)",
-        f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at 90% of line rate"
+        f"network model: alpha {report['network_alpha_us']:.1f} us per message, beta at "
+        f"{report['link_efficiency']:.0%} of line rate (TCP over Ethernet)"
         + (f" or the hosts' own {report['host_gbs']:g} GB/s, whichever is slower; " if report["host_gbs"] else "; ")
         + f"weak scaling, {report['per_node_batch']} samples per node per step, no overlap",
         "",

@@ -336,7 +336,7 @@ def measure_cluster(args, steps, warmup):
         row = next(r for r in predicted["predictions"] if r["model"].startswith("MLP"))
         return {"rate": rate, "gbps": gbps, "hosts": hosts, "measured": measured, "predicted": row,
                 "fitted": predicted["measured"], "network_alpha_us": predicted["network_alpha_us"],
-                "host_gbs": host_gbs}
+                "link_efficiency": predicted["link_efficiency"], "host_gbs": host_gbs}
 
     for rate in SHAPED_RATES:
         for hosts in SHAPED_HOSTS:
@@ -752,7 +752,8 @@ def cluster_section(cluster, failed=None):
             "This kernel has no netem, so no delay is added: the latency is the veth's and TCP's own. Each row:",
             "`dpflow bench` measured on that cluster, beside `dpflow bench --predict --nodes H --network-gbps R",
             "--host-gbs G` run on the same cluster (its compute time is measured there with the same ranks side by",
-            "side; its alpha is the model's per-message latency, shown; its beta the line rate at 90% efficiency or",
+            f"side; its alpha is the model's per-message latency, shown; its beta the line rate at "
+            f"{shaped[0].get('link_efficiency', 0.9):.0%} (TCP over Ethernet) or",
             "G, whichever is slower, where G is the bandwidth the same hosts' allreduce reached at its largest",
             "message on unshaped links, measured before: the hosts' own TCP stack on these shared cores).",
             "The model times the algorithm MPI runs under dpflow (`dpflow.launcher.allreduce_algorithm`), here",
@@ -778,7 +779,7 @@ def cluster_section(cluster, failed=None):
             f"The prediction is within 20% of the measured step in {within} of {len(shaped)} cases. In "
             f"{len(host_bound)} of them the hosts' own stack (unshaped: "
             + ", ".join(f"{gbs:.2f} GB/s at {h} hosts" for h, gbs in sorted(cluster["host_gbs"].items(), key=lambda t: int(t[0])))
-            + ") is slower than 90% of the link's line rate and the model takes it. "
+            + f") is slower than {shaped[0].get('link_efficiency', 0.9):.0%} of the link's line rate and the model takes it. "
             f"The largest error, {pct(worst['predicted']['step_s'] * 1e3 / worst['measured']['step_ms'] - 1)} "
             f"({worst['rate']} at {worst['hosts']} hosts), splits so: "
             f"predicted compute {worst['predicted']['compute_ms']:.2f} ms and allreduce "
@@ -887,7 +888,8 @@ def format_prediction_section(prediction, cluster):
         "the relative error)."
         + (f" On the namespace test cluster (2 hosts, TCP over veth): alpha {over_tcp['alpha_us']:.2f} us, "
            f"1/beta {over_tcp['beta_gb_s']:.2f} GB/s." if over_tcp else ""),
-        f"For the networks, beta is 90% of line rate and alpha {prediction['network_alpha_us']:.0f} us per message.",
+        f"For the networks, beta is {prediction.get('link_efficiency', 0.9):.0%} of line rate (TCP over Ethernet) and alpha "
+        f"{prediction['network_alpha_us']:.0f} us per message.",
         "Weak scaling: each node keeps 256 samples per step and its measured compute time (forward,",
         "backward and update on this 2-core node); the step adds one allreduce by the algorithm MPICH runs",
         "under dpflow at that node count (Rabenseifner on a power of two, ring otherwise); no overlap assumed.",

@@ -20,7 +20,7 @@ def test_formulas():
 
 
 def test_rabenseifner_folds_the_ranks_beyond_a_power_of_two():
-    n, beta = 2_143_272, 1 / 0.1125e9  # the MLP's gradient on a 1 Gbit/s link at 90%
+    n, beta = 2_143_272, costmodel.line_rate_beta(1)  # the MLP's gradient on a 1 Gbit/s link
     # A power of two: ring's bytes in fewer steps.
     for p in (2, 4, 8):
         assert costmodel.coefficients("rabenseifner", p)[1] == costmodel.coefficients("ring", p)[1]
@@ -49,7 +49,7 @@ def test_fit_recovers_alpha_and_beta(p, algorithm):
 
 def test_prediction_and_crossover():
     beta = costmodel.line_rate_beta(10)
-    assert beta == pytest.approx(8 / 9e9)
+    assert beta == pytest.approx(8 / 10e9 * 1538 / 1448)  # 1448 TCP payload bytes of 1538 on the wire
     slow = costmodel.predict(1024, 2e6, 5e-3, 25e-6, beta, algorithm="ring")
     fast = costmodel.predict(8, 2e6, 5e-3, 25e-6, beta, algorithm="ring")
     assert 0 < slow["efficiency"] < fast["efficiency"] < 1
