@@ -136,6 +136,15 @@ def on_cluster(args, hosts=2, rate=None, timeout=300, env=None):
         return run_json(command, env, timeout=timeout + 100, fail=raise_failure)
 
 
+def in_step_host_gbs(run, algorithm):
+    """GB/s the hosts' allreduce reached inside `run`'s training steps (dpflow bench, one rank per
+    host): the bytes `algorithm` moves on its busiest path, b n, over the sync wait."""
+    from dpflow import costmodel
+
+    _, b = costmodel.coefficients(algorithm, run["world_size"])
+    return b * run["gradient_bytes"] / (run["sync_ms"] * 1e-3) / 1e9
+
+
 # MPICH left to its own allreduce (Rabenseifner, which folds the ranks beyond a power of two),
 # where dpflow would ask for ring: the comparison behind dpflow's choice (launcher.prefers_ring).
 MPICH_OWN = {"MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM": "auto"}
@@ -314,18 +323,23 @@ def measure_cluster(args, steps, warmup):
     if args.quick:
         return cluster
     # What the hosts' own TCP stack reaches on unshaped links, at each host count (the hosts
-    # share this machine's cores): the model bounds a faster link by it.
-    cluster["host_gbs"] = {2: cluster["prediction"]["measured"]["host_gb_s"]}
+    # share this machine's cores): the model bounds a faster link by it. Taken inside training
+    # steps, where ranks that share cores also wait for each other; the raw back-to-back
+    # Allreduce (host_gbs_raw) missed that wait: 3.2 ms of an 11.6 ms step on 3 hosts.
     predict_args = ["bench", *MODEL, "--batch-size", "256", "--predict", "--json"]
     odd_hosts = [hosts for hosts in SHAPED_HOSTS if hosts & (hosts - 1)]
-    cluster["mpich_own"], cluster["host_gbs_mpich_own"] = [], {}
+    cluster["mpich_own"] = []
+    for key in ("host_gbs", "host_gbs_raw", "host_gbs_mpich_own", "host_gbs_raw_mpich_own"):
+        cluster[key] = {}
     for hosts in SHAPED_HOSTS:
-        if hosts not in cluster["host_gbs"]:
-            unshaped = on_cluster([*predict_args, "--nodes", str(hosts)], hosts)
-            cluster["host_gbs"][hosts] = unshaped["measured"]["host_gb_s"]
-        if hosts in odd_hosts:
-            unshaped = on_cluster([*predict_args, "--nodes", str(hosts)], hosts, env=MPICH_OWN)
-            cluster["host_gbs_mpich_own"][hosts] = unshaped["measured"]["host_gb_s"]
+        for env, suffix in ((None, ""), (MPICH_OWN, "_mpich_own")) if hosts in odd_hosts else ((None, ""),):
+            if hosts == 2 and env is None:  # measured above
+                predicted, run = cluster["prediction"], cluster["settings"][0]
+            else:
+                predicted = on_cluster([*predict_args, "--nodes", str(hosts)], hosts, env=env)
+                run = on_cluster(bench_args, hosts, env=env)
+            cluster["host_gbs_raw" + suffix][hosts] = predicted["measured"]["host_gb_s"]
+            cluster["host_gbs" + suffix][hosts] = in_step_host_gbs(run, predicted["measured"]["algorithm"])
 
     def shaped_row(rate, hosts, host_gbs, env=None):
         gbps = float(rate[:-4])
@@ -754,8 +768,10 @@ def cluster_section(cluster, failed=None):
             "--host-gbs G` run on the same cluster (its compute time is measured there with the same ranks side by",
             f"side; its alpha is the model's per-message latency, shown; its beta the line rate at "
             f"{shaped[0].get('link_efficiency', 0.9):.0%} (TCP over Ethernet) or",
-            "G, whichever is slower, where G is the bandwidth the same hosts' allreduce reached at its largest",
-            "message on unshaped links, measured before: the hosts' own TCP stack on these shared cores).",
+            "G, whichever is slower, where G is the bandwidth the same hosts' allreduce reached inside training steps",
+            "on unshaped links, measured before: b n over `dpflow bench`'s sync wait, b n the bytes the algorithm moves",
+            "on its busiest path; the hosts' own TCP stack on these shared cores, where ranks that share cores also",
+            "wait for each other).",
             "The model times the algorithm MPI runs under dpflow (`dpflow.launcher.allreduce_algorithm`), here",
             "; ".join(f"{algorithm} at {', '.join(map(str, hosts))} hosts" for algorithm, hosts in algorithms_by_hosts(shaped))
             + ". MPICH's own choice for a gradient is Rabenseifner (reduce-scatter by recursive halving,",
