@@ -203,6 +203,21 @@ def example_shape(args, config):
     return (config.features,)
 
 
+def proportional_mb():
+    """This process's proportional set size (PSS): each shared page counted as 1/N in each of the N
+    processes that map it. The gradients of a one-node job live in a window every rank maps
+    (dpflow/nodesum.py): RSS counts its pages whole in every rank, PSS shares them out. None
+    where the kernel does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def current_rss_mb():
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * resource.getpagesize() / 2**20
@@ -220,6 +235,7 @@ def run_bench(args, comm):
     if args.predict:
         return run_predict(args, config, shape, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing
+    pss_before_model = proportional_mb()
     trainer = bench_trainer(config, comm, shape, sync=not args.no_sync)
     dtype, flat = trainer.dtype, trainer.flat
     permutation = np.arange(config.batch_size)
@@ -247,6 +263,8 @@ def run_bench(args, comm):
                 tracer.add("step", started, stopped, step=step - args.warmup)
     trainer.tracer = None
     rss_after_steps = peak_rss_mb()
+    pss_after_steps = proportional_mb()
+    pss_growth = pss_after_steps - pss_before_model if None not in (pss_before_model, pss_after_steps) else -1.0
     phases = trainer.phase_seconds / args.steps
 
     repeats = max(20, args.steps // 2)
@@ -258,10 +276,10 @@ def run_bench(args, comm):
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
     slowest = np.array([step_times.mean(), *phases, *gemms, rss_after_warmup, rss_after_steps,
-                        rss_after_steps - rss_before_model])
+                        rss_after_steps - rss_before_model, pss_growth])
     comm.allreduce_max(slowest)
     (step_s, forward_s, backward_s, sync_s, update_s, gemm_s, gemm_forward_s, gemm_backward_s,
-     rss_warm, rss, rss_growth) = slowest
+     rss_warm, rss, rss_growth, pss_growth) = slowest
     spans_per_step = len(tracer.spans) / args.steps if tracer else 0.0
     if tracer:
         tracer.gather_and_write(comm, config.trace)
@@ -297,6 +315,7 @@ def run_bench(args, comm):
         "peak_rss_mb": rss,
         "peak_rss_after_warmup_mb": rss_warm,
         "rss_added_by_training_mb": rss_growth,
+        "pss_added_by_training_mb": pss_growth if pss_growth >= 0 else None,
         "parameters": flat.size,
         "state_mb": state_megabytes(trainer),
     }
@@ -340,6 +359,8 @@ def format_report(r):
         *[f"    {kind:<14} {ms:>12.3f} ms" for kind, ms in r["gemm_ms_by_layer"].items()],
         f"  peak RSS         {r['peak_rss_mb']:>12.1f} MB per rank (max; {r['peak_rss_after_warmup_mb']:.1f} after warmup)",
         f"  added by dpflow  {r['rss_added_by_training_mb']:>12.1f} MB per rank (peak RSS minus the RSS before the model)",
+        *([f"  PSS added        {r['pss_added_by_training_mb']:>12.1f} MB per rank (shared pages shared out)"]
+          if r.get("pss_added_by_training_mb") is not None else []),
         f"  training state   {r['state_mb']:>12.1f} MB (parameters, gradients, optimizer, activations)",
     ]
     if r["sync_bandwidth_gb_s"]:
