@@ -44,9 +44,15 @@ class Communicator(abc.ABC):
         """A zeroed array that `allreduce_sum` sums fastest, with its views. Collective."""
         return np.zeros(size, dtype)
 
-    def sum_path(self):
-        """How `allreduce_sum` sums an array from `summable_zeros`, for the banner."""
-        return "none (one rank)" if self.size == 1 else "MPI_Allreduce"
+    def shared(self, buffer):
+        """Whether `buffer` (or the array it views) lives in memory the node's ranks share."""
+        return False
+
+    def sum_path(self, buffer):
+        """How `allreduce_sum` sums `buffer`, for the banner and the bench."""
+        if self.size == 1:
+            return "none (one rank)"
+        return "node shared memory" if self.shared(buffer) else "MPI_Allreduce"
 
     def release(self, array):
         """Give back what `summable_zeros` took for `array`, which nothing may use after. Collective."""
@@ -195,10 +201,17 @@ class MPICommunicator(Communicator):
         self.listener = None
         self.node_sums = []  # NodeSum of each array from summable_zeros
 
+    def node_sum_of(self, buffer):
+        """The NodeSum whose window holds `buffer`, or None."""
+        return next((node_sum for node_sum in self.node_sums if node_sum.holds(buffer)), None)
+
+    def shared(self, buffer):
+        return self.node_sum_of(buffer) is not None
+
     def allreduce_sum(self, buffer):
-        for node_sum in self.node_sums:
-            if node_sum.holds(buffer):
-                return node_sum.allreduce(buffer)
+        node_sum = self.node_sum_of(buffer)
+        if node_sum is not None:
+            return node_sum.allreduce(buffer)
         self.comm.Allreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)
 
     def summable_zeros(self, size, dtype):
@@ -225,17 +238,11 @@ class MPICommunicator(Communicator):
         self.node_sums.append(node_sum)
         return node_sum.array
 
-    def sum_path(self):
-        if self.size == 1:
-            return "none (one rank)"
-        return "node shared memory" if self.node_sums else "MPI_Allreduce"
-
     def release(self, array):
-        for node_sum in self.node_sums:
-            if node_sum.holds(array):
-                self.node_sums.remove(node_sum)
-                node_sum.free()
-                return
+        node_sum = self.node_sum_of(array)
+        if node_sum is not None:
+            self.node_sums.remove(node_sum)
+            node_sum.free()
 
     def start_allreduce_sum(self, buffer):
         return self.comm.Iallreduce(self.MPI.IN_PLACE, buffer, op=self.MPI.SUM)

@@ -81,21 +81,16 @@ class DataParallel:
         """How the gradients are summed, for the banner and the bench: "node shared memory",
         "MPI_Allreduce", "MPI_Iallreduce of N buckets" (planned: the buffer may still be the
         node's, but the buckets never pass through it) or "none (one rank)"."""
-        if self.size == 1:
-            return self.comm.sum_path()
-        if self.buckets:
+        if self.buckets and self.size > 1:
             return f"MPI_Iallreduce of {len(self.buckets)} buckets"
-        node_sums = getattr(self.comm, "node_sums", ())
-        if not any(node_sum.holds(self.flat.grads) for node_sum in node_sums):
-            return "MPI_Allreduce"
-        return self.comm.sum_path()
+        return self.comm.sum_path(self.flat.grads)
 
     def release_shared_memory(self):
         """Move the gradients into private memory and give the node's shared memory back (see
         nodesum): a process that trains several times, as a sweep of `dpflow.fit` calls does,
         kept every run's window until it exited. Later sums go through MPI_Allreduce. Collective."""
         shared = self.flat.grads
-        if any(node_sum.holds(shared) for node_sum in getattr(self.comm, "node_sums", ())):
+        if self.comm.shared(shared):
             self.flat.move_grads(np.array(shared))
             self.comm.release(shared)
 

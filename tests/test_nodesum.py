@@ -57,7 +57,7 @@ def test_the_shared_buffer_and_its_views_sum_in_mpich_order(dtype):
     comm = create_communicator("mpi")
     assert comm.size == comm.local_size, "these tests run on one node"
     buffer = comm.summable_zeros(1001, dtype)
-    assert comm.sum_path() == "node shared memory"
+    assert comm.sum_path(buffer) == "node shared memory"
     assert buffer.dtype == dtype and buffer.shape == (1001,) and not buffer.any()
     buffer[...] = ranks_data(comm.rank, 1001, dtype)
     expected = in_mpich_order(1001, comm.size, dtype)
@@ -91,7 +91,7 @@ def test_without_room_the_gradients_stay_private(monkeypatch):
     comm = create_communicator("mpi")
     monkeypatch.setattr("dpflow.comm.room_for", lambda *args: False)
     buffer = comm.summable_zeros(10, np.float64)
-    assert comm.sum_path() == "MPI_Allreduce" and not comm.node_sums
+    assert comm.sum_path(buffer) == "MPI_Allreduce" and not comm.node_sums
     buffer += 1
     comm.allreduce_sum(buffer)
     assert np.all(buffer == comm.size)
@@ -113,7 +113,7 @@ def test_a_window_mpi_cannot_make_leaves_the_gradients_private(monkeypatch):
 
     monkeypatch.setattr("dpflow.comm.NodeSum", refused)
     buffer = comm.summable_zeros(10, np.float64)
-    assert comm.sum_path() == "MPI_Allreduce" and not comm.node_sums
+    assert comm.sum_path(buffer) == "MPI_Allreduce" and not comm.node_sums
     buffer += 1
     comm.allreduce_sum(buffer)
     assert np.all(buffer == comm.size)
@@ -236,8 +236,9 @@ def test_a_sweep_of_fit_calls_gives_each_run_s_shared_memory_back(tmp_path):
 
 def test_one_rank_has_a_plain_array_and_no_path():
     comm = LocalCommunicator()
-    assert isinstance(comm.summable_zeros(3, np.float32), np.ndarray)
-    assert comm.sum_path() == "none (one rank)"
+    buffer = comm.summable_zeros(3, np.float32)
+    assert isinstance(buffer, np.ndarray)
+    assert comm.sum_path(buffer) == "none (one rank)"
 
 
 def test_room_leaves_half_of_the_free_shared_memory(monkeypatch):
