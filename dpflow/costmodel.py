@@ -45,18 +45,15 @@ ALGORITHMS = ("ring", "recursive doubling", "rabenseifner")
 
 
 def ring_seconds(p, n_bytes, alpha, beta):
-    a, b = coefficients("ring", p)
-    return a * alpha + b * n_bytes * beta
+    return allreduce_seconds(p, n_bytes, alpha, beta, "ring")[0]
 
 
 def recursive_doubling_seconds(p, n_bytes, alpha, beta):
-    a, b = coefficients("recursive doubling", p)
-    return a * alpha + b * n_bytes * beta
+    return allreduce_seconds(p, n_bytes, alpha, beta, "recursive doubling")[0]
 
 
 def rabenseifner_seconds(p, n_bytes, alpha, beta):
-    a, b = coefficients("rabenseifner", p)
-    return a * alpha + b * n_bytes * beta
+    return allreduce_seconds(p, n_bytes, alpha, beta, "rabenseifner")[0]
 
 
 def allreduce_seconds(p, n_bytes, alpha, beta, algorithm=None):
