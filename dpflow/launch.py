@@ -539,18 +539,20 @@ class Supervisor:
     def next_attempt(self, failed, first_world):
         options = self.options
         restarts = len(self.attempts) - 1
-        what = self.describe_failure(failed)
-        if restarts >= options.max_restarts:
-            return self.finish(failed.status or 1, f"attempt {failed.number} failed ({what}) and "
-                               f"--max-restarts {options.max_restarts} are spent")
         hosts = self.hosts()
         if hosts:
+            # Probed even when no restart is left: the report then names the host that went
+            # away, which MPICH's own message ("assert (!closed) failed") does not.
             alive = probe_hosts(self.launcher, hosts, options.probe_timeout, lambda: self.stop_signal)
             if self.stop_signal:
                 return self.finish(128 + self.stop_signal,
                                    f"stopped by {signal.Signals(self.stop_signal).name} before a restart")
             failed.lost_hosts = [h.name for h in failed.hosts if h.name not in alive]
-            what = self.describe_failure(failed)
+        what = self.describe_failure(failed)
+        if restarts >= options.max_restarts:
+            return self.finish(failed.status or 1, f"attempt {failed.number} failed ({what}) and "
+                               f"--max-restarts {options.max_restarts} are spent")
+        if hosts:
             hosts = [host for host in hosts if host.name in alive]
             if len(hosts) < max(options.min_hosts, 1):
                 return self.finish(failed.status or 1, f"attempt {failed.number} failed ({what}); only "

@@ -151,6 +151,30 @@ def test_no_restart_left(tmp_path):
     assert len(summary["attempts"]) == 1
 
 
+def test_a_lost_host_is_named_even_when_no_restart_is_left(tmp_path, monkeypatch, capsys):
+    # MPICH's own report of a lost node ("control_cb ... assert (!closed) failed") names no
+    # host: the supervisor probes the hosts before it gives up, to say which one went away.
+    import dpflow.launch as launch_module
+
+    probes = iter([{"node0", "node1"}, {"node0"}])  # both answer at the start, node1 not after
+    monkeypatch.setattr(launch_module, "probe_hosts", lambda *args: next(probes))
+
+    def lose_node1(self, attempt):
+        attempt.status = 255
+
+    monkeypatch.setattr(launch_module.Supervisor, "run_attempt", lose_node1)
+    monkeypatch.setenv("PATH", f"{os.path.dirname(mpiexec())}{os.pathsep}{os.environ['PATH']}")
+    status = launch_module.main(["--hosts", "node0,node1", "--max-restarts", "0", "--summary-json",
+                                 str(tmp_path / "summary.json"), "--", "train", "--checkpoint-dir",
+                                 str(tmp_path / "ck")])
+    stderr = capsys.readouterr().err
+    assert status == 255, stderr
+    assert ("attempt 1 failed (exit status 255, host node1 did not answer) and --max-restarts 0 are spent"
+            in stderr), stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["hosts_lost"] == ["node1"]
+    assert next(probes, "spent") == "spent"  # probed once at the start and once after the failure
+
+
 def test_bad_input_is_never_retried(tmp_path):
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "ckpt-000000001.dpf").write_bytes(b"another run's")
