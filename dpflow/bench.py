@@ -264,7 +264,8 @@ def run_bench(args, comm):
     trainer.tracer = None
     rss_after_steps = peak_rss_mb()
     pss_after_steps = proportional_mb()
-    pss_growth = pss_after_steps - pss_before_model if None not in (pss_before_model, pss_after_steps) else -1.0
+    pss_known = None not in (pss_before_model, pss_after_steps)
+    pss_growth = pss_after_steps - pss_before_model if pss_known else 0.0
     phases = trainer.phase_seconds / args.steps
 
     repeats = max(20, args.steps // 2)
@@ -276,10 +277,10 @@ def run_bench(args, comm):
 
     # Each rank's mean; the job runs at the pace of the slowest rank.
     slowest = np.array([step_times.mean(), *phases, *gemms, rss_after_warmup, rss_after_steps,
-                        rss_after_steps - rss_before_model, pss_growth])
+                        rss_after_steps - rss_before_model, pss_growth, 0.0 if pss_known else 1.0])
     comm.allreduce_max(slowest)
     (step_s, forward_s, backward_s, sync_s, update_s, gemm_s, gemm_forward_s, gemm_backward_s,
-     rss_warm, rss, rss_growth, pss_growth) = slowest
+     rss_warm, rss, rss_growth, pss_growth, pss_unknown) = slowest  # unknown on any rank: not reported
     spans_per_step = len(tracer.spans) / args.steps if tracer else 0.0
     if tracer:
         tracer.gather_and_write(comm, config.trace)
@@ -315,7 +316,7 @@ def run_bench(args, comm):
         "peak_rss_mb": rss,
         "peak_rss_after_warmup_mb": rss_warm,
         "rss_added_by_training_mb": rss_growth,
-        "pss_added_by_training_mb": pss_growth if pss_growth >= 0 else None,
+        "pss_added_by_training_mb": None if pss_unknown else pss_growth,
         "parameters": flat.size,
         "state_mb": state_megabytes(trainer),
     }

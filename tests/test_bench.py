@@ -40,3 +40,18 @@ def test_predict_times_the_algorithm_that_runs_at_each_node_count(dpflow):
     # MPICH runs Rabenseifner on a power of two; on 3 hosts dpflow asks it for ring, whose time
     # is the one predicted. Open MPI runs Rabenseifner, folding the third host in.
     assert algorithms == {2: "rabenseifner", 3: "ring" if mpich else "rabenseifner", 4: "rabenseifner"}
+
+
+@pytest.mark.parametrize("readings,expected", [((100.0, 90.0), -10.0), ((None, 90.0), None), ((80.0, None), None)])
+def test_pss_added_is_what_was_read_and_missing_when_it_could_not_be_read(monkeypatch, capsys, readings, expected):
+    # A fall in PSS is a figure like any other; only a reading that failed is left out.
+    from dpflow import bench
+    from dpflow.cli import build_parser
+    from dpflow.comm import LocalCommunicator
+
+    args = build_parser().parse_args(["bench", "--features", "20", "--hidden", "16", "--classes", "3",
+                                      "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json"])
+    values = iter(readings)
+    monkeypatch.setattr(bench, "proportional_mb", lambda: next(values))
+    assert bench.run_bench(args, LocalCommunicator()) == 0
+    assert json.loads(capsys.readouterr().out)["pss_added_by_training_mb"] == expected
