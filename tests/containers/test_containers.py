@@ -103,19 +103,22 @@ def test_4_ranks_on_4_containers_give_the_parameters_of_one_process():
           f"max abs diff {worst:.3g} over {len(names4)} arrays, {found['values']} values")
 
 
-def start_long_training(log_path, *options):
-    """A 4-rank training of minutes on the head, its output in log_path, returned once its
-    epoch table has started (so that a fault hits it mid-run)."""
+def start_long_training(log_path, *options, launch=None, epochs=5000, started_epoch=1):
+    """A 4-rank training on the head (of minutes, by default; under `dpflow launch LAUNCH...`
+    if given), its output in log_path, returned once its epoch table has reached
+    `started_epoch` (so that a fault hits it mid-run)."""
+    started = rf"^ *{started_epoch}/{epochs} "
+    job = (["dpflow", "launch", *launch, "--", *TRAIN[1:]] if launch else [*MPIEXEC, *TRAIN])
     with open(log_path, "w") as log:
-        process = start_job([*COMPOSE, "exec", "-T", "head", "env", "MPIEXEC_TIMEOUT=240", *MPIEXEC,
-                             *TRAIN, "--epochs", "5000", *options],
+        process = start_job([*COMPOSE, "exec", "-T", "head", "env", "MPIEXEC_TIMEOUT=240", *job,
+                             "--epochs", str(epochs), *options],
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and process.poll() is None:
-        if re.search(r"^ *1/5000", log_path.read_text(), re.M):
+        if re.search(started, log_path.read_text(), re.M):
             return process
         time.sleep(0.25)
-    pytest.fail(f"the long training ended, or had not finished epoch 1 within 60 s:\n"
+    pytest.fail(f"the long training ended, or had not reached {started!r} within 60 s:\n"
                 f"{last_lines(log_path.read_text())}")
 
 
@@ -140,13 +143,14 @@ def leftover_ranks(*hosts):
 @pytest.fixture
 def worker2():
     """worker2's container; afterwards back on the network and restarted (which ends
-    whatever was stuck there), so that the next test has 4 healthy nodes."""
+    whatever was stuck there; a killed one starts again), so that the next test has 4 healthy
+    nodes."""
     container = compose("ps", "-q", "worker2").stdout.strip()
     assert container, "worker2 is not running"
     yield container
     run(["docker", "network", "connect", "--alias", "worker2", NETWORK, container], timeout=60)
     restarted = compose("restart", "--timeout", "1", "worker2", timeout=60)
-    assert restarted.returncode == 0, f"could not restart worker2 after the cut:\n{restarted}"
+    assert restarted.returncode == 0, f"could not restart worker2 after the fault:\n{restarted}"
     deadline = time.monotonic() + 30
     while on_head("ssh", "worker2", "true", timeout=30).returncode != 0:
         assert time.monotonic() < deadline, "the head cannot ssh to worker2 within 30 s of its restart"
@@ -175,9 +179,9 @@ def test_a_cut_link_ends_the_job_through_the_stall_timeout(worker2, tmp_path):
           f"with status {status}: {reason}")
 
 
-def test_a_killed_node_ends_the_job_with_an_error_naming_it(tmp_path):
+def test_a_killed_node_ends_the_job_quickly_with_no_ranks_left(worker2, tmp_path):
     # SIGKILL to every process in worker2, as a power-off would. No --stall-timeout is
-    # needed: ssh to the node closes, and mpiexec aborts the job.
+    # needed: hydra's proxy on the node is gone, and mpiexec ends the job.
     log_path = tmp_path / "kill.log"
     process = start_long_training(log_path)
     killed_at = time.monotonic()
@@ -185,22 +189,48 @@ def test_a_killed_node_ends_the_job_with_an_error_naming_it(tmp_path):
     assert killed.returncode == 0, killed
     status, seconds = seconds_until_it_ends(process, killed_at, log_path)
     left = leftover_ranks("head", "worker1", "worker3")
-
-    def naming_worker2():  # a line naming the node, other than dpflow's banner (which lists every host)
-        return next((line for line in log_path.read_text().splitlines()
-                     if "worker2" in line and " ranks on " not in line), "")
-
-    # The line is ssh's ("Connection to worker2 closed by remote host."), and ssh may write it
-    # after mpiexec has exited (seen once in CI, 1.1 s after the kill): wait for it a little.
-    deadline = time.monotonic() + 10
-    while not naming_worker2() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    reason, output = naming_worker2(), log_path.read_text()
-    assert status != 0 and seconds < 60 and reason and not left, (
-        f"killed worker2 mid-run: status {status} after {seconds:.1f} s (want non-zero, < 60 s, an "
-        f"error naming worker2, no ranks left); leftover ranks: {left or 'none'}; last lines:\n"
-        f"{last_lines(output)}")
+    output = log_path.read_text()
+    assert status != 0 and seconds < 60 and not left, (
+        f"killed worker2 mid-run: status {status} after {seconds:.1f} s (want non-zero, < 60 s, "
+        f"no ranks left); leftover ranks: {left or 'none'}; last lines:\n{last_lines(output)}")
+    # MPICH's own lines name no host ("control_cb ... assert (!closed) failed"). ssh's
+    # "Connection to worker2 closed by remote host." is in the output only when mpiexec
+    # forwarded it before exiting, which it does not always (2 of 3 CI runs): reported here,
+    # not required. `dpflow launch` names the node every time (the next test).
+    reason = next((line for line in output.splitlines() if "worker2" in line and " ranks on " not in line),
+                  "(ssh's line naming worker2 did not reach mpiexec's output)")
     print(f"killed worker2 mid-run: the job ended in {seconds:.1f} s with status {status}: {reason}")
+
+
+def test_dpflow_launch_names_a_killed_node_and_finishes_on_the_nodes_left(worker2, tmp_path):
+    # The same power-off under `dpflow launch`: it probes the hosts when the job fails, names
+    # the one that does not answer, and resumes from the last checkpoint on the other three
+    # (the checkpoint directory is on the runs volume, which every node mounts).
+    log_path = tmp_path / "launch.log"
+    checkpoints = f"/home/dpflow/runs/launch-{os.getpid()}-{int(time.time())}"
+    process = start_long_training(
+        log_path, "--checkpoint-dir", checkpoints, launch=["--hosts", ",".join(HOSTS), "--max-restarts", "1"],
+        epochs=40, started_epoch=3)
+    killed_at = time.monotonic()
+    killed = compose("kill", "worker2", timeout=60)
+    assert killed.returncode == 0, killed
+    try:
+        status = process.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail(f"dpflow launch still ran 180 s after the kill:\n{last_lines(log_path.read_text())}")
+    seconds = time.monotonic() - killed_at
+    left = leftover_ranks("head", "worker1", "worker3")
+    on_head("rm", "-rf", checkpoints, timeout=60)
+    output = log_path.read_text()
+    restart = re.search(r"^dpflow launch: restart 1/1: attempt 1 failed \(exit status \d+, host worker2 "
+                        r"did not answer, at step \d+\); resuming from \S+ \(step \d+\); 3 ranks on 3 hosts.*$",
+                        output, re.M)
+    assert status == 0 and restart and "hosts lost: worker2" in output and not left, (
+        f"killed worker2 under dpflow launch: status {status} after {seconds:.1f} s (want 0, a restart "
+        f"naming worker2 on the 3 hosts left, no ranks left); leftover ranks: {left or 'none'}; "
+        f"last lines:\n{last_lines(output)}")
+    print(f"killed worker2 under dpflow launch: finished {seconds:.1f} s later on 3 nodes: {restart.group(0)}")
 
 
 @pytest.mark.timeout(1000)  # the test service's own bound is 900 s, above the suite-wide 600
