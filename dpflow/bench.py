@@ -14,10 +14,12 @@ import time
 import numpy as np
 
 from . import _threads, launcher
+from .agreement import agree
 from .config import add_setting_arguments, build_config, given_settings
 from .data import Dataset
 from .errors import UsageError
 from .modelspec import input_layout, resolve_builder
+from .run import check_output_path
 from .trainer import Trainer
 
 
@@ -230,6 +232,8 @@ def run_bench(args, comm):
     if config.batch_size < comm.size:
         raise UsageError(f"--batch-size {config.batch_size} must be >= the number of ranks ({comm.size})")
     shape = example_shape(args, config)
+    if config.trace:  # before any work; the trace is written by an atomic rename onto the path
+        agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
     if args.host_gbs is not None and not args.host_gbs > 0:
         raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
     if args.predict:

@@ -63,6 +63,7 @@ def test_an_aborting_job_merges_the_partial_files_it_finds(tmp_path):
 import contextlib  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
+import stat  # noqa: E402
 import sys  # noqa: E402
 
 from helpers import INJECT, run  # noqa: E402
@@ -149,3 +150,21 @@ def test_bench_trace_and_its_cost(dpflow, tmp_path):
         assert len([s for s in spans if s["name"] == "step"]) == 7  # the timed steps only
     assert report["trace_spans_per_step"] == 7  # step, gather, forward, backward, allreduce, check, update
     assert 0 < report["trace_cost_ms_per_step"] < report["step_ms"]
+
+
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_a_trace_path_that_cannot_be_written_is_bad_usage(dpflow, tmp_path, command):
+    """Refused before any work, exit 2, one line: a directory, a missing parent, and a file
+    that is not a regular one (a FIFO here; as root, /dev/null was replaced by a regular file)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    small = ["--epochs", "1"] if command == "train" else ["--features", "20", "--hidden", "16", "--steps", "3",
+                                                           "--warmup", "1"]
+    for path, said in [(tmp_path, f"is a directory; give a file path, e.g. {tmp_path / 'trace.json'}"), (tmp_path / "missing" / "t.json", "does not exist"),
+                       (fifo, "not a regular file")]:
+        result = dpflow(command, *small, "--trace", path, ranks=2, timeout=60)
+        assert result.returncode == 2, result
+        assert "--trace" in result.stderr and said in result.stderr, result
+        assert "Traceback" not in result.stderr and "failed:" not in result.stderr, result
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["fifo"]  # no temporary file left
