@@ -99,7 +99,15 @@ def start_trace(comm, path):
             tracer.merge_partials(path, comm.size)
 
     failure.LAST_WORDS.append(last_words)
+    tracer.last_words = last_words
     return tracer
+
+
+def finish_trace(comm, tracer, path):
+    """Rank 0 writes the whole trace; the abort's last words are done with, so a later run in
+    this process (a script's next `fit`) that fails cannot overwrite it. Collective."""
+    tracer.gather_and_write(comm, path)
+    failure.LAST_WORDS.remove(tracer.last_words)
 
 
 def model_layout(config, model):
@@ -201,10 +209,10 @@ def train(config, comm, safety, data=None, model=None):
 
         history = trainer.fit(on_epoch=reporter.on_epoch, on_step=on_step, watchdog=watchdog)
         if tracer:
-            tracer.gather_and_write(comm, config.trace)
+            finish_trace(comm, tracer, config.trace)
     except DpflowError as error:
         if tracer and error.agreed:  # every rank is here, at the same point: collect them all
-            tracer.gather_and_write(comm, config.trace)
+            finish_trace(comm, tracer, config.trace)
         raise
     finally:
         watchdog.stop()

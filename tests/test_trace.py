@@ -168,3 +168,31 @@ def test_a_trace_path_that_cannot_be_written_is_bad_usage(dpflow, tmp_path, comm
         assert "Traceback" not in result.stderr and "failed:" not in result.stderr, result
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert sorted(os.listdir(tmp_path)) == ["fifo"]  # no temporary file left
+
+
+FIT_TWICE = """
+import sys
+import dpflow
+from dpflow import trainer
+
+dpflow.fit("mlp", "digits", epochs=1, quiet=True, trace=sys.argv[1])
+original = trainer.Trainer.train_step
+
+def faulty(self, *args):
+    if self.comm.rank == 1 and self.global_step == 3:
+        raise RuntimeError("a bug on rank 1")
+    return original(self, *args)
+
+trainer.Trainer.train_step = faulty
+dpflow.fit("mlp", "digits", epochs=1, quiet=True)  # no trace this time
+"""
+
+
+def test_a_later_run_that_fails_leaves_an_earlier_runs_trace_alone(tmp_path):
+    script, path = tmp_path / "fit_twice.py", tmp_path / "first.json"
+    script.write_text(FIT_TWICE)
+    result = run([sys.executable, str(script), str(path)], ranks=2, timeout=60)
+    assert result.returncode != 0 and "a bug on rank 1" in result.stderr, result
+    trace, by_rank = spans_by_rank(path)
+    assert trace["otherData"]["complete"] is True and sorted(by_rank) == [0, 1]
+    assert sorted(os.listdir(tmp_path)) == ["first.json", "fit_twice.py"]
