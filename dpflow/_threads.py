@@ -27,13 +27,24 @@ def threads_per_rank(local_size, environ=os.environ):
     return chosen_threads(environ) or max(1, cores() // max(local_size, 1))
 
 
+def import_threadpoolctl():
+    """threadpoolctl, imported without the KMP_DUPLICATE_LIB_OK=True that its import leaves in
+    os.environ (for every process the caller starts to inherit: a flag that lets two OpenMP
+    runtimes run in one process, which Intel warns may crash or give wrong results). It only
+    finds and resizes libraries already loaded, so it does not need the flag afterwards."""
+    unset = "KMP_DUPLICATE_LIB_OK" not in os.environ
+    import threadpoolctl
+
+    if unset:
+        os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
+    return threadpoolctl
+
+
 def size_blas_threads(local_size, environ=os.environ):
     """Resize every BLAS and OpenMP pool loaded in this process to `threads_per_rank`.
     Returns the count now in effect. Libraries loaded later keep their own default."""
-    from threadpoolctl import threadpool_limits
-
     threads = threads_per_rank(local_size, environ)
-    threadpool_limits(limits=threads)
+    import_threadpoolctl().threadpool_limits(limits=threads)
     return blas_threads_in_use() or threads
 
 
@@ -41,18 +52,16 @@ def blas_threads_in_use():
     """The thread count of the BLAS numpy calls (the largest, if several are loaded), read
     from the library itself; None when no BLAS is loaded."""
     import numpy  # noqa: F401 - loads the BLAS that is asked below
-    from threadpoolctl import threadpool_info
 
-    counts = [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+    counts = [pool["num_threads"] for pool in import_threadpoolctl().threadpool_info() if pool["user_api"] == "blas"]
     return max(counts) if counts else None
 
 
 def blas_description():
     """'openblas 0.3.31 (SkylakeX kernel)' for the BLAS numpy calls, or 'unknown'."""
     import numpy  # noqa: F401
-    from threadpoolctl import threadpool_info
 
-    for pool in threadpool_info():
+    for pool in import_threadpoolctl().threadpool_info():
         if pool["user_api"] == "blas":
             kernel = f" ({pool['architecture']} kernel)" if pool.get("architecture") else ""
             return f"{pool['internal_api']} {pool.get('version') or ''}".strip() + kernel

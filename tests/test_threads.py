@@ -74,3 +74,18 @@ def test_threads_per_rank_divides_the_cores():
     assert _threads.threads_per_rank(cores * 2, {}) == 1
     assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": "5"}) == 5
     assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": "0"}) == max(1, cores // 4)
+
+
+def test_sizing_the_pools_changes_no_environment_variable(tmp_path):
+    """threadpoolctl sets KMP_DUPLICATE_LIB_OK=True in os.environ when imported (a flag that lets
+    two OpenMP runtimes run side by side, which Intel warns may give wrong results), and every
+    process the script starts would inherit it: dpflow imports it without leaving that behind."""
+    probe = ("import os, sys; import numpy as np; before = dict(os.environ)\n"
+             "from dpflow import Input; from dpflow.parallel import DataParallel\n"
+             "dp = DataParallel({'W': Input(np.ones(3), name='W')})\n"
+             "changed = {k: os.environ.get(k) for k in {*before, *os.environ} if os.environ.get(k) != before.get(k)}\n"
+             "open(f'{sys.argv[1]}.{dp.rank}', 'w').write(repr(changed))")
+    result = run([sys.executable, "-c", probe, str(tmp_path / "changed")], ranks=2,
+                 env={**UNSET, "KMP_DUPLICATE_LIB_OK": None}, timeout=60)
+    assert result.returncode == 0, result
+    assert [(tmp_path / f"changed.{rank}").read_text() for rank in range(2)] == ["{}", "{}"]
