@@ -376,7 +376,7 @@ def format_report(r):
 # --- the cost model, from measured alpha and beta --------------------------------------------
 
 def measure_allreduce_curve(comm, dtype, repeats=30):
-    """[(bytes, seconds)] of in-place Allreduce from 8 bytes to 16 MB. Collective."""
+    """[(bytes, seconds)] of in-place Allreduce from 8 bytes to 8 MiB, by factors of 4. Collective."""
     curve = []
     for exponent in range(3, 25, 2):
         n_values = max(1, (1 << exponent) // np.dtype(dtype).itemsize)

@@ -501,7 +501,8 @@ def write_report(path, data):
     lines += settings_section(data)
     lines += cluster_section(data["cluster"], data.get("cluster_failed"))
     lines += memory_section(data["memory"], data.get("memory_steps", 1000))
-    lines += ["## Beyond one machine: the allreduce cost model", "", format_prediction_section(data["prediction"], data["cluster"])]
+    prediction = format_prediction_section(data["prediction"], data["cluster"], facts["cores"])
+    lines += ["## Beyond one machine: the allreduce cost model", "", prediction]
     lines += sections_written_elsewhere(path)
     with open(path, "w") as handle:
         handle.write("\n".join(lines) + "\n")
@@ -898,8 +899,17 @@ def algorithms_by_hosts(shaped):
     return list(seen.items())
 
 
-def format_prediction_section(prediction, cluster):
+def size_text(nbytes):
+    """8 B, 32.8 kB, 8.39 MB: a message size as the report reads it."""
+    for unit, scale in (("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{nbytes:g} B"
+
+
+def format_prediction_section(prediction, cluster, cores):
     measured = prediction["measured"]
+    sizes = [nbytes for nbytes, _ in measured["curve"]]
     over_tcp = cluster["prediction"]["measured"] if cluster else None
     rows = [r for r in prediction["predictions"] if r["nodes"] in (8, 64, 256, 1024)]
     crossovers = {}
@@ -908,14 +918,15 @@ def format_prediction_section(prediction, cluster):
     lines = [
         f"Measured on this machine (MPICH, {measured['world_size']} ranks, shared memory): alpha "
         f"{measured['alpha_us']:.2f} us per message, 1/beta {measured['beta_gb_s']:.2f} GB/s, fitted to",
-        "the ring form `2(p-1) alpha + 2(p-1)/p n beta` over messages of 8 B to 16 MB (least squares on",
-        "the relative error)."
-        + (f" On the namespace test cluster (2 hosts, TCP over veth): alpha {over_tcp['alpha_us']:.2f} us, "
+        f"the ring form `2(p-1) alpha + 2(p-1)/p n beta` over messages of {size_text(min(sizes))} to "
+        f"{size_text(max(sizes))} (least squares on the relative error)."
+        + (f" On the namespace test cluster ({over_tcp['hosts']} hosts, TCP over veth): alpha {over_tcp['alpha_us']:.2f} us, "
            f"1/beta {over_tcp['beta_gb_s']:.2f} GB/s." if over_tcp else ""),
         f"For the networks, beta is {prediction.get('link_efficiency', 0.9):.0%} of line rate (TCP over Ethernet) and alpha "
         f"{prediction['network_alpha_us']:.0f} us per message.",
-        "Weak scaling: each node keeps 256 samples per step and its measured compute time (forward,",
-        "backward and update on this 2-core node); the step adds one allreduce by the algorithm MPICH runs",
+        f"Weak scaling: each node keeps {prediction['per_node_batch']} samples per step and its measured compute "
+        f"time (forward, backward and update on this {cores}-core node); the step adds one allreduce by the "
+        "algorithm MPICH runs",
         "under dpflow at that node count (Rabenseifner on a power of two, ring otherwise); no overlap assumed.",
         "",
         table(rows, [("model", lambda r: r["model"]), ("gradient MB", lambda r: f"{r['params_mb']:.1f}"),

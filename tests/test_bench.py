@@ -55,3 +55,29 @@ def test_pss_added_is_what_was_read_and_missing_when_it_could_not_be_read(monkey
     monkeypatch.setattr(bench, "proportional_mb", lambda: next(values))
     assert bench.run_bench(args, LocalCommunicator()) == 0
     assert json.loads(capsys.readouterr().out)["pss_added_by_training_mb"] == expected
+
+
+def load_sweep():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "bench_sweep.py")
+    spec = importlib.util.spec_from_file_location("bench_sweep", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_cost_model_section_reads_its_figures_from_the_run():
+    """The message sizes of the fit, the cores and the rows per node come from the run, not
+    from prose (which said 16 MB for a fit that ended at 8.4 MB, and a 2-core node anywhere)."""
+    sweep = load_sweep()
+    row = {"model": "MLP 784-512-256-10", "params_mb": 2.1, "gbps": 10.0, "nodes": 8, "compute_ms": 3.0,
+           "comm_s": 0.002, "step_s": 0.005, "efficiency": 0.6, "algorithm": "rabenseifner", "crossover_nodes": 4}
+    prediction = {"measured": {"world_size": 4, "alpha_us": 2.0, "beta_gb_s": 5.0, "hosts": 1,
+                               "curve": [[32, 1e-6], [2048, 2e-6], [524288, 1e-4]]},
+                  "network_alpha_us": 25.0, "link_efficiency": 0.94, "per_node_batch": 512, "predictions": [row]}
+    text = sweep.format_prediction_section(prediction, None, cores=8)
+    assert "over messages of 32 B to 524 kB" in text, text
+    assert "each node keeps 512 samples per step" in text and "this 8-core node" in text, text
+    assert "16 MB" not in text and "2-core" not in text and "256 samples" not in text
