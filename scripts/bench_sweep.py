@@ -209,7 +209,8 @@ def measure(args):
         for extra in ([], ["--bucket-mb", "0.5"], ["--bucket-mb", "1"], ["--reducer", "mpi"], ["--reducer", "naive"],
                       ["--no-sync"]):
             data["settings"].append(bench("mpich", ranks, 256, "float32", repeats, steps, warmup, extra))
-    data["two_threads"] = bench("mpich", 1, 256, "float32", repeats, steps, warmup, threads=2)
+    # One rank with the threads dpflow chooses itself (the cores of this node), read back from the BLAS.
+    data["own_threads"] = bench("mpich", 1, 256, "float32", repeats, steps, warmup, threads=None)
 
     print("memory-bound passes and their alternatives (one process, one thread, 128 rows)", flush=True)
     data["kernels"] = run_json([os.path.join(VENV, "bin", "python"), os.path.join(PEERS, "kernels.py")], bench_env())
@@ -305,6 +306,23 @@ def measure_peers(args, repeats, steps, warmup):
     return runs
 
 
+def has_netem():
+    """Whether this kernel can delay a link (`scripts/cluster --link-delay`, tc netem)."""
+    command = [os.path.join(ROOT, "scripts", "cluster"), "--hosts", "1", "--link-delay", "1us", "--timeout", "60",
+               "--", "true"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=160).returncode == 0
+
+
+def delay_sentence(netem):
+    """Why the shaped links add no delay, as this run found the kernel (None: not probed)."""
+    if netem is None:
+        return "No delay is added: the latency is the veth's and TCP's own."
+    return ("This kernel has netem, but no delay is added (`--link-delay` is not used): the latency is the veth's "
+            "and TCP's own." if netem else
+            "This kernel has no netem (`scripts/cluster --link-delay` failed), so no delay is added: the latency is "
+            "the veth's and TCP's own.")
+
+
 def raise_failure(message):
     raise RunFailed(message)
 
@@ -352,6 +370,7 @@ def measure_cluster(args, steps, warmup):
                 "fitted": predicted["measured"], "network_alpha_us": predicted["network_alpha_us"],
                 "link_efficiency": predicted["link_efficiency"], "host_gbs": host_gbs}
 
+    cluster["netem"] = has_netem()
     for rate in SHAPED_RATES:
         for hosts in SHAPED_HOSTS:
             print(f"shaped links: {rate}, {hosts} hosts", flush=True)
@@ -744,9 +763,15 @@ def settings_section(data):
                                  ("step ms", lambda r: f"{r['step_ms']:.3f}"), ("backward", lambda r: f"{r['backward_ms']:.3f}"),
                                  ("sync wait", lambda r: f"{r['sync_ms']:.3f}"), ("load", lambda r: f"{r['load']:.1f}")]),
         "",
-        f"One rank with 2 BLAS threads (dpflow's default when alone on this node): "
-        f"{data['two_threads']['samples_per_sec']:,.0f} samples/s.", "",
+        alone_line(data.get("own_threads") or data["two_threads"], data["facts"]["cores"]), "",
     ]
+
+
+def alone_line(r, cores):
+    """One rank with more than one BLAS thread: what the sweep set, and what the library ran."""
+    chosen = "the threads dpflow chooses" if r.get("threads") is None else f"{r['threads']} threads set in the environment"
+    return (f"One rank with {chosen}: {r['blas_threads']} BLAS thread(s), read from the library, on {cores} cores: "
+            f"{r['samples_per_sec']:,.0f} samples/s.")
 
 
 def cluster_section(cluster, failed=None):
@@ -770,7 +795,7 @@ def cluster_section(cluster, failed=None):
         lines += [
             "### The cost model against shaped links", "",
             "`scripts/cluster --link-rate R` puts a token bucket (tc tbf) on both ends of every host's veth.",
-            "This kernel has no netem, so no delay is added: the latency is the veth's and TCP's own. Each row:",
+            delay_sentence(cluster.get("netem")) + " Each row:",
             "`dpflow bench` measured on that cluster, beside `dpflow bench --predict --nodes H --network-gbps R",
             "--host-gbs G` run on the same cluster (its compute time is measured there with the same ranks side by",
             f"side; its alpha is the model's per-message latency, shown; its beta the line rate at "
@@ -834,12 +859,22 @@ def cluster_section(cluster, failed=None):
                          ("backward ms", lambda t: f"{t[0]['backward_ms']:.2f} (vs {t[1]['backward_ms']:.2f})"),
                          ("sync wait ms", lambda t: f"{t[0]['sync_ms']:.2f} (vs {t[1]['sync_ms']:.2f})")]),
             "",
-            f"Overlap gained more than 5% in {better} of {len(rows)} shaped cases; the default stays "
-            + ("`--bucket-mb 0`, which these measurements support." if better <= len(rows) // 2
-               else "`--bucket-mb 0` although these measurements favour overlap: see the issue's notes."),
+            f"Overlap gained more than 5% in {better} of {len(rows)} shaped cases; " + default_bucket_verdict(better, len(rows)),
             "",
         ]
     return lines
+
+
+def default_bucket_verdict(better, cases):
+    """Whether dpflow's default `--bucket-mb` (read from its settings) is the one the shaped cases
+    favour: overlap if it gained more than 5% in most of them."""
+    from dpflow.config import FIELDS
+
+    default = FIELDS["bucket_mb"].default
+    favoured = "overlap" if better > cases // 2 else "no overlap"
+    agrees = (default > 0) == (favoured == "overlap")
+    return (f"dpflow's default is `--bucket-mb {default:g}`" + (", which these measurements support." if agrees
+            else f", although these measurements favour {favoured}."))
 
 
 def memory_section(memory, steps):

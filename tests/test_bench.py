@@ -81,3 +81,26 @@ def test_the_cost_model_section_reads_its_figures_from_the_run():
     assert "over messages of 32 B to 524 kB" in text, text
     assert "each node keeps 512 samples per step" in text and "this 8-core node" in text, text
     assert "16 MB" not in text and "2-core" not in text and "256 samples" not in text
+
+
+def test_the_overlap_verdict_names_dpflows_own_default(monkeypatch):
+    """The sentence on `--bucket-mb` names the default the settings hold, and weighs it against
+    the measurements, whichever way they fall."""
+    from dpflow.config import FIELDS
+
+    sweep = load_sweep()
+    assert sweep.default_bucket_verdict(0, 8) == "dpflow's default is `--bucket-mb 0`, which these measurements support."
+    assert sweep.default_bucket_verdict(6, 8).endswith("although these measurements favour overlap.")
+    monkeypatch.setattr(FIELDS["bucket_mb"], "default", 2.0)
+    assert sweep.default_bucket_verdict(6, 8) == "dpflow's default is `--bucket-mb 2`, which these measurements support."
+    assert sweep.default_bucket_verdict(1, 8).endswith("although these measurements favour no overlap.")
+
+
+def test_the_sentences_on_threads_and_delay_say_what_the_run_found():
+    sweep = load_sweep()
+    own = {"threads": None, "blas_threads": 8, "samples_per_sec": 1234.0}
+    assert sweep.alone_line(own, 8) == ("One rank with the threads dpflow chooses: 8 BLAS thread(s), read from the "
+                                        "library, on 8 cores: 1,234 samples/s.")
+    assert "2 threads set in the environment: 2 BLAS" in sweep.alone_line({**own, "threads": 2, "blas_threads": 2}, 8)
+    assert "has no netem" in sweep.delay_sentence(False) and "has netem" in sweep.delay_sentence(True)
+    assert "netem" not in sweep.delay_sentence(None)  # an older run that did not look
