@@ -12,19 +12,25 @@ import os
 from .launcher import cores
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# The variables each library (threadpoolctl's internal_api) reads, in the order it reads them:
+# a site's OMP_NUM_THREADS=1 does not undo a user's OPENBLAS_NUM_THREADS=2 in OpenBLAS itself.
+LIBRARY_VARIABLES = {"openblas": ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "OMP_NUM_THREADS"),
+                     "mkl": ("MKL_NUM_THREADS", "OMP_NUM_THREADS"),
+                     "blis": ("BLIS_NUM_THREADS", "OMP_NUM_THREADS"),
+                     "openmp": ("OMP_NUM_THREADS",)}
 
 
-def chosen_threads(environ=os.environ):
-    """The thread count the user set in the environment, or None."""
-    for name in THREAD_VARIABLES:
+def chosen_threads(environ=os.environ, library=None):
+    """The thread count the user set in the environment (for `library`, as it reads it), or None."""
+    for name in LIBRARY_VARIABLES.get(library, THREAD_VARIABLES):
         if environ.get(name, "").isdigit() and int(environ[name]) > 0:
             return int(environ[name])
     return None
 
 
-def threads_per_rank(local_size, environ=os.environ):
+def threads_per_rank(local_size, environ=os.environ, library=None):
     """The user's choice, or this process's cores divided by the ranks on its node (>= 1)."""
-    return chosen_threads(environ) or max(1, cores() // max(local_size, 1))
+    return chosen_threads(environ, library) or max(1, cores() // max(local_size, 1))
 
 
 def import_threadpoolctl():
@@ -41,11 +47,13 @@ def import_threadpoolctl():
 
 
 def size_blas_threads(local_size, environ=os.environ):
-    """Resize every BLAS and OpenMP pool loaded in this process to `threads_per_rank`.
+    """Resize every BLAS and OpenMP pool loaded in this process to its `threads_per_rank`.
     Returns the count now in effect. Libraries loaded later keep their own default."""
-    threads = threads_per_rank(local_size, environ)
-    import_threadpoolctl().threadpool_limits(limits=threads)
-    return blas_threads_in_use() or threads
+    threadpoolctl = import_threadpoolctl()
+    limits = {pool["filepath"]: threads_per_rank(local_size, environ, pool["internal_api"])
+              for pool in threadpoolctl.threadpool_info()}
+    threadpoolctl.threadpool_limits(limits=limits)
+    return blas_threads_in_use() or threads_per_rank(local_size, environ)
 
 
 def blas_threads_in_use():
@@ -57,12 +65,17 @@ def blas_threads_in_use():
     return max(counts) if counts else None
 
 
-def blas_description():
-    """'openblas 0.3.31 (SkylakeX kernel)' for the BLAS numpy calls, or 'unknown'."""
+def numpy_blas():
+    """threadpoolctl's description of the BLAS numpy calls, or None."""
     import numpy  # noqa: F401
 
-    for pool in import_threadpoolctl().threadpool_info():
-        if pool["user_api"] == "blas":
-            kernel = f" ({pool['architecture']} kernel)" if pool.get("architecture") else ""
-            return f"{pool['internal_api']} {pool.get('version') or ''}".strip() + kernel
-    return "unknown"
+    return next((pool for pool in import_threadpoolctl().threadpool_info() if pool["user_api"] == "blas"), None)
+
+
+def blas_description():
+    """'openblas 0.3.31 (SkylakeX kernel)' for the BLAS numpy calls, or 'unknown'."""
+    pool = numpy_blas()
+    if pool is None:
+        return "unknown"
+    kernel = f" ({pool['architecture']} kernel)" if pool.get("architecture") else ""
+    return f"{pool['internal_api']} {pool.get('version') or ''}".strip() + kernel

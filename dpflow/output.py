@@ -242,7 +242,7 @@ def confusion_lines(confusion):
 def info_lines(comm, hosts, threads):
     """`dpflow info`: versions, the MPI library, the world, and BLAS threads per rank
     (`threads`: every rank's count, read from its BLAS)."""
-    chosen = _threads.chosen_threads()
+    chosen = _threads.chosen_threads(library=(_threads.numpy_blas() or {}).get("internal_api"))
     return [
         f"dpflow      {__version__}",
         f"python      {platform.python_version()}",

@@ -89,3 +89,14 @@ def test_sizing_the_pools_changes_no_environment_variable(tmp_path):
                  env={**UNSET, "KMP_DUPLICATE_LIB_OK": None}, timeout=60)
     assert result.returncode == 0, result
     assert [(tmp_path / f"changed.{rank}").read_text() for rank in range(2)] == ["{}", "{}"]
+
+
+def test_each_library_keeps_the_count_its_own_variable_asks_for(tmp_path):
+    """OpenBLAS reads OPENBLAS_NUM_THREADS before OMP_NUM_THREADS (MKL: MKL_NUM_THREADS first):
+    a site's OMP_NUM_THREADS=1 must not undo a user's OPENBLAS_NUM_THREADS=2."""
+    for report in launch(tmp_path, 2, {**UNSET, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "2"}):
+        assert report["at_start"] == 2, report  # what OpenBLAS itself took from the environment
+        assert report["after_comm"] == 2, report
+    environ = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "2", "MKL_NUM_THREADS": "3"}
+    assert [_threads.threads_per_rank(2, environ, library) for library in ("openblas", "mkl", "openmp", "blis")] \
+        == [2, 3, 1, 1]
