@@ -7,6 +7,7 @@ at the per-rank batch.
 """
 
 import json
+import math
 import os
 import resource
 import time
@@ -28,12 +29,12 @@ NETWORKS_GBPS = (10, 25, 100)
 
 
 def positive_list(text, option, kind):
-    """`2,3,4` -> [2, 3, 4]; every value > 0, else a usage error naming the option."""
+    """`2,3,4` -> [2, 3, 4]; every value finite and > 0, else a usage error naming the option."""
     try:
         values = [kind(part) for part in text.split(",")]
     except ValueError:
         values = []
-    if not values or any(v <= 0 for v in values):
+    if not values or not all(math.isfinite(v) and v > 0 for v in values):
         raise UsageError(f"{option} takes a comma-separated list of positive numbers, got {text!r}")
     return values
 
@@ -234,8 +235,10 @@ def run_bench(args, comm):
     shape = example_shape(args, config)
     if config.trace:  # before any work; the trace is written by an atomic rename onto the path
         agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
-    if args.host_gbs is not None and not args.host_gbs > 0:
+    if args.host_gbs is not None and not (math.isfinite(args.host_gbs) and args.host_gbs > 0):
         raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
+    if args.network_alpha_us is not None and not (math.isfinite(args.network_alpha_us) and args.network_alpha_us >= 0):
+        raise UsageError(f"--network-alpha-us must be a latency >= 0 in microseconds, got {args.network_alpha_us}")
     if args.predict:
         return run_predict(args, config, shape, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing

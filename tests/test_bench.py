@@ -104,3 +104,15 @@ def test_the_sentences_on_threads_and_delay_say_what_the_run_found():
     assert "2 threads set in the environment: 2 BLAS" in sweep.alone_line({**own, "threads": 2, "blas_threads": 2}, 8)
     assert "has no netem" in sweep.delay_sentence(False) and "has netem" in sweep.delay_sentence(True)
     assert "netem" not in sweep.delay_sentence(None)  # an older run that did not look
+
+
+@pytest.mark.parametrize("flag,value", [("--network-alpha-us", "-5"), ("--network-alpha-us", "nan"),
+                                        ("--network-gbps", "nan"), ("--network-gbps", "10,inf"),
+                                        ("--host-gbs", "inf"), ("--nodes", "0")])
+def test_predict_refuses_a_network_that_cannot_be(dpflow, flag, value):
+    """A negative latency or a rate that is not a finite number printed a table of negative or
+    nan times with exit status 0."""
+    result = dpflow("bench", "--features", "20", "--hidden", "16", "--classes", "3", "--batch-size", "16",
+                    "--predict", flag, value, ranks=2, timeout=60)
+    assert result.returncode == 2, result
+    assert flag in result.stderr and value in result.stderr and "Traceback" not in result.stderr, result
