@@ -97,8 +97,14 @@ class SafetyNet:
         self.comm.start_listener(lambda line: print_and_abort(self.comm, line), self.where)
         return self
 
-    def __exit__(self, *exc_info):
-        self.comm.stop_listener()
+    def __exit__(self, exc_type, error, tb):
+        # An error on this rank alone goes on to `crash`, which reports it to rank 0 over the
+        # side channel and ends the job: rank 0 must still be listening then (it prints the
+        # report, and merges the trace). The listener stops wherever the process goes on.
+        crashing = self.comm.size > 1 and isinstance(error, Exception) and not (
+            isinstance(error, DpflowError) and error.agreed)
+        if not crashing:
+            self.comm.stop_listener()
 
     def start_watchdog(self, timeout, what):
         """A Watchdog that, on a stall, reports and aborts the job. Rank 0 first asks every
