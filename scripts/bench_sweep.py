@@ -307,10 +307,14 @@ def measure_peers(args, repeats, steps, warmup):
 
 
 def has_netem():
-    """Whether this kernel can delay a link (`scripts/cluster --link-delay`, tc netem)."""
+    """Whether this kernel can delay a link (`scripts/cluster --link-delay`, tc netem); None if
+    the probe did not finish."""
     command = [os.path.join(ROOT, "scripts", "cluster"), "--hosts", "1", "--link-delay", "1us", "--timeout", "60",
                "--", "true"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=160).returncode == 0
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=160).returncode == 0
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def delay_sentence(netem):
