@@ -308,13 +308,16 @@ def measure_peers(args, repeats, steps, warmup):
 
 def has_netem():
     """Whether this kernel can delay a link (`scripts/cluster --link-delay`, tc netem); None if
-    the probe did not finish."""
+    the probe failed for another reason or did not finish."""
     command = [os.path.join(ROOT, "scripts", "cluster"), "--hosts", "1", "--link-delay", "1us", "--timeout", "60",
                "--", "true"]
     try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=160).returncode == 0
+        probe = subprocess.run(command, capture_output=True, text=True, timeout=160)
     except subprocess.TimeoutExpired:
         return None
+    if probe.returncode == 0:
+        return True
+    return False if "no sch_netem" in probe.stderr else None
 
 
 def delay_sentence(netem):
