@@ -21,6 +21,7 @@ from .data import Dataset
 from .errors import UsageError
 from .modelspec import input_layout, resolve_builder
 from .run import check_output_path
+from .sharding import shard_bounds
 from .trainer import Trainer
 
 
@@ -404,6 +405,13 @@ def compute_seconds(config, comm, shape):
     return float(elapsed[0]), trainer.flat.param_grads.nbytes
 
 
+def rows_on_first_node(batch_size, hostnames):
+    """The rows of a global batch that rank 0's node computes: its ranks' shards (`hostnames`:
+    every rank's host). The prediction's compute time is that node's."""
+    return sum(stop - start for start, stop in (shard_bounds(batch_size, rank, len(hostnames))
+                                                for rank, host in enumerate(hostnames) if host == hostnames[0]))
+
+
 def run_predict(args, config, shape, comm):
     from . import costmodel
 
@@ -415,7 +423,8 @@ def run_predict(args, config, shape, comm):
     # The algorithm this run's allreduce took; on one host the ranks share memory, where ring's
     # form fits as well as any. Across hosts MPICH reduces within each host first: the hosts
     # are the ranks of the allreduce that crosses the links.
-    hosts = len(set(comm.allgather_object(comm.hostname())))
+    hostnames = comm.allgather_object(comm.hostname())
+    hosts = len(set(hostnames))
     running = (launcher.allreduce_algorithm(comm.library(), hosts, os.environ) if hosts > 1 else None) or "ring"
     fitted_p = hosts if hosts > 1 else comm.size
     alpha, beta = costmodel.fit_alpha_beta([b for b, _ in curve], [t for _, t in curve], p=fitted_p, algorithm=running)
@@ -446,7 +455,7 @@ def run_predict(args, config, shape, comm):
                                "alpha_us": alpha * 1e6, "beta_gb_s": 1e-9 / beta if beta else None,
                                "curve": curve, "host_gb_s": 1e-9 / host_beta if host_beta else None},
                   "network_alpha_us": network_alpha * 1e6, "link_efficiency": costmodel.LINK_EFFICIENCY,
-                  "host_gbs": args.host_gbs, "per_node_batch": config.batch_size,
+                  "host_gbs": args.host_gbs, "per_node_batch": rows_on_first_node(config.batch_size, hostnames),
                   "predictions": rows}
         if args.json:
             print(json.dumps(report))

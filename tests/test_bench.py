@@ -131,3 +131,14 @@ def test_bench_help_builds_no_environment(tmp_path):
                                 env=env, timeout=60)
         assert result.returncode == 0 and "--peers" in result.stdout and "--quick" in result.stdout, result
     assert os.listdir(tmp_path) == []
+
+
+def test_predict_says_the_rows_that_the_measured_node_computes():
+    """Across hosts each node computes its ranks' shards of the global batch: on 2 hosts of one
+    rank, 128 of 256 rows (the report said 256 samples per node whatever the hosts)."""
+    from dpflow.bench import rows_on_first_node
+
+    assert rows_on_first_node(256, ["vm", "vm"]) == 256
+    assert rows_on_first_node(256, ["node0", "node1"]) == 128
+    assert rows_on_first_node(256, ["node0", "node1", "node2"]) == 86
+    assert rows_on_first_node(256, ["node0", "node0", "node1", "node1"]) == 128
