@@ -566,6 +566,7 @@ class Supervisor:
         if not self.wait_for_lock():
             return self.finish(failed.status or 1, "the checkpoint directory is still locked by a process of "
                                "the failed attempt; stop it and run again with --resume")
+        kept = self.keep_trace(failed)
         attempt = self.plan(failed.number + 1, hosts, first_world)
         attempt.resumed, attempt.resumed_step = newest_checkpoint(self.directory)
         redone = failed.steps_redone(attempt.resumed_step)
@@ -575,8 +576,18 @@ class Supervisor:
             + f"; {attempt.world} ranks" + (f" on {len(hosts)} hosts" if hosts else "")
             + (f", --batch-size {attempt.batch_size} --accumulate {attempt.accumulate}"
                if attempt.batch_size != self.config.batch_size else "")
-            + f"; {redone} steps redone")
+            + f"; {redone} steps redone" + (f"; its trace kept as {kept}" if kept else ""))
         return attempt
+
+    def keep_trace(self, failed):
+        """The failed attempt's trace (what its ranks held when the job ended: where it crashed or
+        hung), moved aside before the next attempt writes its own: the path it now has, or None."""
+        path = self.config.trace
+        if not path or not os.path.isfile(path):
+            return None
+        kept = f"{path}.attempt{failed.number}"
+        os.replace(path, kept)
+        return kept
 
     def describe_failure(self, attempt):
         parts = [f"exit status {attempt.status}"]

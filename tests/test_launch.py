@@ -222,3 +222,16 @@ def test_sigterm_to_launch_checkpoints_and_stops_without_a_restart(tmp_path, str
 
     path, arrays, meta = load_latest_valid(str(tmp_path / "ck"))
     assert meta["global_step"] >= 30
+
+
+def test_a_failed_attempts_trace_is_kept_beside_the_next_ones(tmp_path):
+    """The trace the failed attempt left (merged when it aborted) is where a crash or hang is
+    read; the next attempt's trace used to overwrite it."""
+    env = {"DPFLOW_INJECT_ONCE": str(tmp_path / "fired")}
+    status, stderr, _ = launch(tmp_path, "-n", "2", inject="1 30 raise", env=env, train=["--trace", "t.json"])
+    assert status == 0, stderr
+    assert "its trace kept as t.json.attempt1" in stderr, stderr
+    failed, final = (json.loads((tmp_path / name).read_text()) for name in ("t.json.attempt1", "t.json"))
+    assert failed["otherData"]["complete"] is False and final["otherData"]["complete"] is True
+    forwards = [e for e in failed["traceEvents"] if e["name"] == "forward" and e["pid"] == 1]
+    assert len(forwards) == 29, len(forwards)  # steps 1-29 of attempt 1, then the fault
