@@ -10,6 +10,7 @@ reading becomes the common zero. Ranks leave a barrier within microseconds of ea
 one node and about one network latency apart across nodes: that is the alignment's error.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ class Tracer:
         self.host = socket.gethostname()
         self.spans = []
         self.zero = time.perf_counter()  # replaced by the aligned zero in align_clocks()
+        self.run = None  # rank 0's token for this job, from align_clocks(): whose files to merge
 
     def add(self, name, start, stop, category="step", **args):
         """A span from two `time.perf_counter()` readings. Thread-safe (list.append)."""
@@ -37,6 +39,7 @@ class Tracer:
     def align_clocks(self, comm, rounds=3):
         """The instant every rank leaves the same barrier becomes the zero of every rank's
         timeline. Collective."""
+        self.run = comm.broadcast_object(f"{self.host}:{os.getpid()}:{time.time_ns()}" if comm.is_root else None)
         for _ in range(rounds):  # the first rounds warm up the connections
             comm.barrier()
         self.zero = time.perf_counter()
@@ -67,24 +70,30 @@ class Tracer:
 
     def write_partial(self, path):
         """This rank's spans alone, beside `path`: what an aborting job leaves to merge."""
-        write_trace(partial_path(path, self.rank), self.events(), complete=False, shift=False)
+        write_trace(partial_path(path, self.rank), self.events(), complete=False, shift=False, run=self.run)
 
     def merge_partials(self, path, size):
-        """On the rank that aborts the job: its own spans and every other rank's partial
-        file found (a rank that hangs writes none: its track simply ends)."""
-        events = self.events()
+        """On a rank that ends the job: its own spans, every other rank's partial file found (a
+        rank that hangs writes none: its track simply ends), and the tracks of a merge another
+        rank of this job made first (when several ranks time out, each merges)."""
+        events, merged, parts = self.events(), {self.rank}, []
         for rank in range(size):
             part = partial_path(path, rank)
-            if rank == self.rank and os.path.exists(part):
+            trace = read_trace(part, self.run)
+            if trace is None:
+                continue
+            parts.append(part)
+            if rank != self.rank:
+                events += trace["traceEvents"]
+                merged.add(rank)
+        earlier = read_trace(path, self.run)
+        if earlier is not None and not earlier["otherData"].get("complete", True):
+            events += [event for event in earlier["traceEvents"] if event.get("pid") not in merged]
+        write_trace(path, events, complete=False, shift=False, run=self.run)
+        # Only now: a rank merging at the same time finds each track in a partial file or here.
+        for part in parts:
+            with contextlib.suppress(OSError):
                 os.remove(part)
-            elif os.path.exists(part):
-                try:
-                    with open(part) as handle:
-                        events += json.load(handle)["traceEvents"]
-                    os.remove(part)
-                except (OSError, ValueError):
-                    continue
-        write_trace(path, events, complete=False)
 
 
 class _Span:
@@ -106,9 +115,21 @@ def partial_path(path, rank):
     return f"{path}.rank{rank}"
 
 
-def write_trace(path, events, complete=True, shift=True):
+def read_trace(path, run):
+    """The trace file at `path` if this job (`run`) wrote it, else None (missing, unreadable, or
+    another run's: never merged)."""
+    try:
+        with open(path) as handle:
+            trace = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return trace if trace.get("otherData", {}).get("run") == run else None
+
+
+def write_trace(path, events, complete=True, shift=True, run=None):
     """Atomically: a reader never sees half a file. Spans from before the clocks were
-    aligned (start-up) would start before 0: the whole timeline shifts to start at 0."""
+    aligned (start-up) would start before 0: the whole timeline shifts to start at 0 (not in
+    the files an abort leaves, which other ranks merge on the same zero)."""
     earliest = min((event["ts"] for event in events if "ts" in event), default=0.0)
     if shift and earliest < 0:
         for event in events:
@@ -117,5 +138,5 @@ def write_trace(path, events, complete=True, shift=True):
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as handle:
         json.dump({"traceEvents": events, "displayTimeUnit": "ms",
-                   "otherData": {"complete": complete, "writer": "dpflow"}}, handle)
+                   "otherData": {"complete": complete, "writer": "dpflow", "run": run}}, handle)
     os.replace(tmp, path)

@@ -58,6 +58,31 @@ def test_an_aborting_job_merges_the_partial_files_it_finds(tmp_path):
     assert partial_path(path, 2).endswith(".rank2")
 
 
+def test_two_ranks_that_both_end_the_job_keep_each_others_spans(tmp_path):
+    """With rank 0 stopped, ranks 1 and 2 both time out and both merge: the one that merged
+    second found the first one's partial file already merged away and wrote its own spans
+    alone over the first merge. Files of another run (another token) are never merged."""
+    path = str(tmp_path / "trace.json")
+    zero = time.perf_counter()
+    ranks = {rank: Tracer(rank=rank) for rank in (1, 2)}
+    for rank, tracer in ranks.items():
+        tracer.zero, tracer.run = zero, "job-a"
+        tracer.add("forward", zero + rank * 1e-3, zero + rank * 1e-3 + 1e-4)
+        tracer.write_partial(path)
+    stale = Tracer(rank=0)
+    stale.zero, stale.run = zero, "an earlier job"
+    stale.add("forward", zero, zero + 1e-4)
+    stale.write_partial(path)
+    ranks[2].merge_partials(path, size=3)
+    ranks[1].merge_partials(path, size=3)
+    trace = json.loads(open(path).read())
+    tracks = sorted({e["pid"] for e in trace["traceEvents"] if e["ph"] == "X"})
+    assert tracks == [1, 2], tracks
+    assert trace["otherData"]["complete"] is False
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(spans) == 2  # each rank's span once
+
+
 # --- the timeline of real runs -------------------------------------------------------------
 
 import contextlib  # noqa: E402
