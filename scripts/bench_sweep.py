@@ -525,7 +525,7 @@ def write_report(path, data):
               table(strong, SCALING_COLUMNS), "",
               "## Weak scaling: 128 rows per rank", "", table(data["weak"], SCALING_COLUMNS), ""]
     lines += settings_section(data)
-    lines += cluster_section(data["cluster"], data.get("cluster_failed"))
+    lines += cluster_section(data["cluster"], data.get("cluster_failed"), facts["cores"])
     lines += memory_section(data["memory"], data.get("memory_steps", 1000))
     prediction = format_prediction_section(data["prediction"], data["cluster"], facts["cores"])
     lines += ["## Beyond one machine: the allreduce cost model", "", prediction]
@@ -781,7 +781,15 @@ def alone_line(r, cores):
             f"{r['samples_per_sec']:,.0f} samples/s.")
 
 
-def cluster_section(cluster, failed=None):
+def sharing_sentence(cluster, cores):
+    """Where the hosts of the namespace cluster, which share this machine's cores, outnumber them."""
+    counts = sorted({2, *(s["hosts"] for s in cluster.get("shaped") or [])})
+    crowded = [str(hosts) for hosts in counts if hosts > cores]
+    return (f"All hosts share this machine's {cores} cores"
+            + (f", so with {' and '.join(crowded)} hosts each rank also waits for a core." if crowded else "."))
+
+
+def cluster_section(cluster, failed=None, cores=2):
     if failed:
         return ["(The namespace test cluster failed twice in this run, so its rows and the shaped-link rows are "
                 f"missing: `{failed.splitlines()[0][:300]}`.)", ""]
@@ -789,8 +797,8 @@ def cluster_section(cluster, failed=None):
         return ["(The namespace test cluster needs root; this run had none, so the shaped-link rows are missing.)", ""]
     lines = [
         "## On the namespace test cluster (float32, global batch 256)", "",
-        "Hosts of `scripts/cluster`, one rank each, MPI over TCP on veth links (no shared memory). All hosts",
-        "share this machine's cores, so with 3 and 4 hosts each rank also waits for a core.", "",
+        "Hosts of `scripts/cluster`, one rank each, MPI over TCP on veth links (no shared memory).",
+        sharing_sentence(cluster, cores), "",
         table(cluster["settings"], [("setting", lambda r: r["extra"] or "default"), column("samples/s", "samples_per_sec", ",.0f"),
                                     column("step ms", "step_ms"), column("backward", "backward_ms"),
                                     column("sync wait", "sync_ms"), column("raw Allreduce", "raw_allreduce_ms"),

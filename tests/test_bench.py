@@ -142,3 +142,11 @@ def test_predict_says_the_rows_that_the_measured_node_computes():
     assert rows_on_first_node(256, ["node0", "node1"]) == 128
     assert rows_on_first_node(256, ["node0", "node1", "node2"]) == 86
     assert rows_on_first_node(256, ["node0", "node0", "node1", "node1"]) == 128
+
+
+def test_the_cluster_section_says_when_hosts_outnumber_the_cores():
+    sweep = load_sweep()
+    cluster = {"shaped": [{"hosts": 2}, {"hosts": 3}, {"hosts": 4}]}
+    assert sweep.sharing_sentence(cluster, 2).endswith("so with 3 and 4 hosts each rank also waits for a core.")
+    assert sweep.sharing_sentence(cluster, 8) == "All hosts share this machine's 8 cores."
+    assert sweep.sharing_sentence({"shaped": []}, 1).endswith("so with 2 hosts each rank also waits for a core.")
