@@ -230,6 +230,11 @@ def run_bench(args, comm):
     if config.batch_size < comm.size:
         raise UsageError(f"--batch-size {config.batch_size} must be >= the number of ranks ({comm.size})")
     shape = example_shape(args, config)
+    if config.trace:  # before the steps, so that a bad path costs no run and overwrites no device
+        from .agreement import agree
+        from .run import check_output_path
+
+        agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
     if args.host_gbs is not None and not args.host_gbs > 0:
         raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
     if args.predict:

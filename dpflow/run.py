@@ -25,7 +25,8 @@ from .modelspec import build_model, builder_arguments
 def check_output_path(name, path):
     """`metrics`, `save` and `trace` name files that can be written, checked before any training."""
     if os.path.isdir(path):
-        raise UsageError(f"`{name}` {path} is a directory; give a file path, e.g. {os.path.join(path, 'run.npz' if name == 'save' else 'metrics.jsonl')}")
+        example = {"save": "run.npz", "trace": "trace.json"}.get(name, "metrics.jsonl")
+        raise UsageError(f"`{name}` {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise UsageError(f"`{name}` {path}: the directory {parent} does not exist or is not "
@@ -142,6 +143,11 @@ def train(config, comm, safety, data=None, model=None):
     from .signals import StopRequest
     from .trainer import Trainer, best_epoch, check_batch_size, check_model_fits
 
+    # Before anything is written: a run that fails at start-up still writes its trace, which
+    # must not land in a directory, through a missing one, or over a device such as /dev/null.
+    for name in ("metrics", "save", "trace"):
+        if getattr(config, name):
+            agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
     # From the start a signal is a stop request for the first step boundary, never a crash.
     stop = StopRequest().install()
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
@@ -160,9 +166,6 @@ def train(config, comm, safety, data=None, model=None):
         if config.checkpoint_dir:  # rank 0 holds the directory's lock until it exits
             lock = agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume)
                          if comm.is_root else None)
-        for name in ("metrics", "save", "trace"):
-            if getattr(config, name):
-                agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
         if config.model == "mlp" and model is None:
             # Free memory may differ between nodes: every rank's verdict is shared.
             agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))

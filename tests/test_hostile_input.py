@@ -5,6 +5,7 @@ what the arrays can hold, models larger than memory, devices and binary files wh
 is expected, output paths that cannot be created, data whose contents break arithmetic)."""
 
 import os
+import stat
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 TIMEOUT = 60
 SMALL = ["--dataset", "synthetic", "--samples", "200", "--features", "4", "--classes", "3", "--epochs", "1",
          "--hidden", "8", "--quiet"]
+BENCH = ["--steps", "2", "--warmup", "0", "--features", "4", "--hidden", "8", "--batch-size", "8"]
 
 
 def write(path, content):
@@ -58,6 +60,12 @@ CASES = {
     "a save path through a file": (lambda d: ["train", *SMALL, "--save", str(d / "file" / "p.npz")],
                                    "does not exist or is not writable"),
     "a save name too long": (lambda d: ["train", *SMALL, "--save", str(d / ("x" * 300))], "is longer than"),
+    "a trace path that is a directory": (lambda d: ["train", *SMALL, "--trace", str(d)], "is a directory"),
+    "a trace path through a missing directory": (lambda d: ["train", *SMALL, "--trace", str(d / "no" / "t.json")],
+                                                 "does not exist or is not writable"),
+    "a bench trace path that is a directory": (lambda d: ["bench", *BENCH, "--trace", str(d)], "is a directory"),
+    "a bench trace path through a file": (lambda d: ["bench", *BENCH, "--trace", str(d / "file" / "t.json")],
+                                          "does not exist or is not writable"),
     "metrics to a FIFO (a write would block)": (lambda d: ["train", *SMALL, "--metrics", fifo(d)],
                                                 "is not a regular file"),
     "a plot written into a file": (lambda d: ["plot", write(d / "m.jsonl", '{"epoch": 1, "step": 1, "train_loss": 1, '
@@ -107,3 +115,19 @@ def test_hostile_input_exits_2_with_one_message(tmp_path, name):
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
     assert message in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
+@pytest.mark.parametrize("command, option", [(["train", *SMALL], "--trace"), (["train", *SMALL], "--metrics"),
+                                             (["train", *SMALL], "--save"), (["bench", *BENCH], "--trace")])
+def test_an_output_path_on_a_device_leaves_the_device(tmp_path, command, option):
+    """As root, a write-then-rename over /dev/null would replace the system's /dev/null with a
+    regular file: a device given as an output path is refused before anything is written.
+    (A node of our own stands in for /dev/null: the test must not risk the real one.)"""
+    device = tmp_path / "null"
+    os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    done = subprocess.run([sys.executable, "-m", "dpflow", *command, option, str(device)], capture_output=True,
+                          text=True, timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": ""})
+    assert stat.S_ISCHR(os.stat(device).st_mode), "the device node was replaced by a file"
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "is not a regular file" in done.stderr, done.stderr
