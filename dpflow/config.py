@@ -224,7 +224,8 @@ class TrainConfig:
         choices=("flat", "mpi", "naive"))
     bucket_mb: float = option(  # off: no gain measured on 2 cores (BENCHMARKS.md)
         0.0, "overlap communication with backward: allreduce buckets of this many MB as soon as backward "
-        "finishes them; 0 waits for the whole backward", at_least=0)
+        "finishes them; 0 waits for the whole backward", at_least=0, at_most=2**20,
+        hint="MB per bucket; PyTorch DDP's default is 25, and one larger than the gradients is one bucket")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}

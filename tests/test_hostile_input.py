@@ -38,6 +38,8 @@ CASES = {
     "a 400-digit number": (lambda d: ["train", *SMALL, "--keep-checkpoints", "9" * 400], "--keep-checkpoints must be at most"),
     "a config that is a FIFO (a read would block)": (lambda d: ["train", *SMALL, "--config", fifo(d)],
                                                      "is not a regular file"),
+    "a bucket size past any memory": (lambda d: ["train", *SMALL, "--bucket-mb", "1e308"], "--bucket-mb must be <= 1048576"),
+    "a bench bucket size past any memory": (lambda d: ["bench", *BENCH, "--bucket-mb", "1e300"], "--bucket-mb must be <= 1048576"),
     "a negative seed": (lambda d: ["train", *SMALL, "--seed", "-1"], "--seed must be >= 0"),
     "a toml integer past any count": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", "log-every = 9223372036854775807\n")],
                                       "--log-every must be at most"),
