@@ -218,6 +218,7 @@ def main(argv=None):
             return 2
         from .comm import create_communicator
 
+        _threads.chosen_threads()  # a thread count that is not one stops every rank before MPI starts
         apply_mpich_settings()  # read by MPI_Init: before the communicator
         comm = create_communicator()
         with SafetyNet(comm) as safety:

@@ -104,6 +104,25 @@ def idx_dir(directory):
     return str(path)
 
 
+# name: (environment variables, what the message says)
+ENVIRONMENTS = {
+    "a communicator dpflow does not have": ({"DPFLOW_COMM": "nccl"}, "DPFLOW_COMM must be auto, mpi or local"),
+    "a thread count that is a word": ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc' is not a thread count"),
+    "a negative thread count": ({"OPENBLAS_NUM_THREADS": "-1"}, "OPENBLAS_NUM_THREADS='-1' is not a thread count"),
+    "a fractional thread count": ({"MKL_NUM_THREADS": "1.5"}, "MKL_NUM_THREADS='1.5' is not a thread count"),
+}
+
+
+@pytest.mark.parametrize("name", list(ENVIRONMENTS))
+def test_a_hostile_environment_exits_2_with_one_message(tmp_path, name):
+    variables, message = ENVIRONMENTS[name]
+    done = subprocess.run([sys.executable, "-m", "dpflow", "train", *SMALL], capture_output=True, text=True,
+                          timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": "", **variables})
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert message in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input_exits_2_with_one_message(tmp_path, name):
     build, message = CASES[name]
