@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -133,6 +134,9 @@ def save_checkpoint(directory, step, arrays, meta, keep=3, regular=True, best=Fa
 
 def read_checkpoint(path):
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero would be read until memory ran out
+            raise CheckpointError(f"{path} is not a regular file; give a checkpoint file (ckpt-*.dpf) or "
+                                  "the directory that holds them")
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:

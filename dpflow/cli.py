@@ -24,7 +24,7 @@ from .errors import UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import apply_mpich_settings, launcher_rank
-from .run import load_data, model_layout, train
+from .run import check_output_path, load_data, model_layout, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -109,6 +109,8 @@ def run_predict(args, comm, safety):
     def run():
         if not comm.is_root:
             return None
+        if args.output:  # before the work, and never a device: the write renames over the path
+            check_output_path("--output", args.output)
         model = load_model(args.checkpoint)
         x = read_examples(args.input, model.input_shape)
         return model, predict(model, x, args.probabilities)

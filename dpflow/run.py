@@ -23,19 +23,21 @@ from .modelspec import build_model, builder_arguments
 
 
 def check_output_path(name, path):
-    """`metrics`, `save` and `trace` name files that can be written, checked before any training."""
+    """`metrics`, `save` and `trace` (or a command's own flag, e.g. `--output`) name files that
+    can be written, checked before any training."""
+    shown = name if name.startswith("-") else f"`{name}`"
     if os.path.isdir(path):
-        example = {"save": "run.npz", "trace": "trace.json"}.get(name, "metrics.jsonl")
-        raise UsageError(f"`{name}` {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
+        example = {"save": "run.npz", "trace": "trace.json", "metrics": "metrics.jsonl"}.get(name, "out.npy")
+        raise UsageError(f"{shown} {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"`{name}` {path}: the directory {parent} does not exist or is not "
+        raise UsageError(f"{shown} {path}: the directory {parent} does not exist or is not "
                          "writable; create it or choose another path")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise UsageError(f"`{name}` {path} exists and is not a regular file; give a file path")
+        raise UsageError(f"{shown} {path} exists and is not a regular file; give a file path")
     limit = os.pathconf(parent, "PC_NAME_MAX")
     if len(os.fsencode(os.path.basename(path))) > limit:
-        raise UsageError(f"`{name}`: the file name {os.path.basename(path)[:40]}... is longer than "
+        raise UsageError(f"{shown}: the file name {os.path.basename(path)[:40]}... is longer than "
                          f"the {limit} bytes this filesystem allows")
 
 

@@ -28,6 +28,24 @@ def npz(path, **arrays):
     return str(path)
 
 
+def npy(path, array):
+    np.save(path, array)
+    return str(path)
+
+
+def truncated(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    return path
+
+
+def checkpoint(directory):
+    """A checkpoint of a 4-feature mlp, trained here."""
+    subprocess.run([sys.executable, "-m", "dpflow", "train", *SMALL, "--checkpoint-dir", str(directory / "ck")],
+                   check=True, timeout=TIMEOUT, cwd=directory)
+    return str(directory / "ck")
+
+
 def labels(n=40):
     return np.arange(n) % 3
 
@@ -78,6 +96,19 @@ CASES = {
                                       npz(d / "d.npz", x_train=np.ones((40, 0)), y_train=labels(),
                                           x_test=np.ones((40, 0)), y_test=labels())], "0 features"),
     "an IDX file with impossible sizes": (lambda d: ["train", "--epochs", "1", "--dataset", idx_dir(d)], "holds 0 images but"),
+    # checkpoints and prediction files
+    "a checkpoint that is a device (a read never ends)": (lambda d: ["eval", "--checkpoint", "/dev/zero"],
+                                                          "is not a regular file"),
+    "a checkpoint to predict with that is a device": (lambda d: ["predict", "--checkpoint", "/dev/zero", "--input",
+                                                                 npy(d / "x.npy", np.ones((2, 4)))], "is not a regular file"),
+    "examples in a truncated .npz": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
+                                                truncated(npz(d / "x.npz", x=np.ones((5, 4))))], "--input"),
+    "predictions written into a directory": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
+                                                        npy(d / "x.npy", np.ones((2, 4))), "--output", str(d)],
+                                             "--output {} is a directory"),
+    "predictions written through a file": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
+                                                      npy(d / "x.npy", np.ones((2, 4))), "--output",
+                                                      str(d / "file" / "p.npy")], "does not exist or is not writable"),
     # metrics records that are not records
     "a metrics line that is a list": (lambda d: ["plot", write(d / "m.jsonl", "[1, 2]\n"), "-o", str(d / "c.png")],
                                       "is not a metrics record"),
@@ -135,7 +166,7 @@ def test_hostile_input_exits_2_with_one_message(tmp_path, name):
                           timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": ""})
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
-    assert message in done.stderr, done.stderr
+    assert message.format(tmp_path) in done.stderr, done.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
