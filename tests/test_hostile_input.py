@@ -91,6 +91,13 @@ CASES = {
     "a plot written into a file": (lambda d: ["plot", write(d / "m.jsonl", '{"epoch": 1, "step": 1, "train_loss": 1, '
                                                                             '"test_loss": 1, "test_accuracy": 0.5}\n'),
                                               "-o", str(d / "file" / "c.png")], "cannot write it"),
+    "a launcher argument with an open quote": (lambda d: ["launch", "--launcher-arg='-launcher ssh", "--", "train",
+                                                          "--checkpoint-dir", "ck"], "cannot be split as a shell would"),
+    "a launch summary written into a directory": (lambda d: ["launch", "--summary-json", str(d), "--", "train",
+                                                             "--checkpoint-dir", "ck"], "--summary-json {} is a directory"),
+    "a launch summary through a missing directory": (lambda d: ["launch", "--summary-json", str(d / "no" / "s.json"),
+                                                                "--", "train", "--checkpoint-dir", "ck"],
+                                                     "does not exist or is not writable"),
     # data whose contents break the arithmetic
     "no feature columns": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
                                       npz(d / "d.npz", x_train=np.ones((40, 0)), y_train=labels(),
