@@ -17,10 +17,10 @@ import numpy as np
 from . import _threads, launcher
 from .agreement import agree
 from .config import MAX_COUNT, add_setting_arguments, build_config, given_settings
-from .data import Dataset
+from .data import Dataset, available_memory
 from .errors import UsageError
 from .modelspec import input_layout, resolve_builder
-from .trainer import Trainer, available_memory, check_model_fits
+from .trainer import Trainer, check_model_fits
 
 
 PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)

@@ -80,7 +80,7 @@ def read_dataset(config, comm, layout="rows"):
         raise
     except MemoryError:
         raise DataError(f"`dataset` {config.dataset} does not fit in this machine's memory; use a "
-                        "smaller one (or smaller `samples`/`features`)") from None
+                        "smaller one (or smaller `samples`/`features`/`classes`)") from None
     except UNREADABLE as error:
         raise DataError(f"`dataset` {config.dataset} cannot be used: {type(error).__name__}: {error}") from None
 

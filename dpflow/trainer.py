@@ -24,7 +24,7 @@ from . import checkpoint
 from .agreement import ranks_that_differ
 from .comm import fingerprint
 from .config import early_stop_metric
-from .data import gather
+from .data import available_memory, gather
 from .errors import Interrupted, TrainingError, UsageError
 from .evaluation import evaluate
 from .flat import all_finite, squared_norm
@@ -68,18 +68,6 @@ def check_batch_size(batch_size, size):
             f"`batch_size` {batch_size} is the global batch and must be >= the number "
             f"of ranks ({size}); raise it or run with fewer ranks"
         )
-
-
-def available_memory():
-    """Bytes this machine can still give (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def check_model_fits(sizes, dtype):

@@ -78,6 +78,12 @@ CASES = {
                                                     npz(d / "d.npz", x_train=np.ones((40, 4)), y_train=labels() + 10**9,
                                                         x_test=np.ones((40, 4)), y_test=labels())],
                                          "labels must be class indices 0..K-1"),
+    "more synthetic rows than memory (drawing them took minutes)": (
+        lambda d: ["train", *SMALL, "--samples", "2147483647"], "does not fit in this machine's memory"),
+    "more spiral rows than memory": (lambda d: ["train", *SMALL, "--dataset", "spirals", "--samples", "2147483647"],
+                                     "does not fit in this machine's memory"),
+    "more synthetic classes than memory": (lambda d: ["train", *SMALL, "--features", "100", "--classes", "100000000"],
+                                           "does not fit in this machine's memory"),
     # devices, binary and huge files where a text file is expected
     "a config that is a device": (lambda d: ["train", *SMALL, "--config", "/dev/zero"], "is not a regular file"),
     "a config that is not text": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", b"\xff\xfe\x00epochs")],
