@@ -96,6 +96,8 @@ def start_trace(comm, path):
     tracer = Tracer(comm.rank)
     tracer.align_clocks(comm)
     def last_words(aborting):
+        if not tracer.path_checked:  # a directory, a missing one, or a device to be renamed over
+            return
         tracer.write_partial(path)
         if aborting:  # whichever rank ends the job merges what every rank left
             tracer.merge_partials(path, comm.size)
@@ -145,11 +147,6 @@ def train(config, comm, safety, data=None, model=None):
     from .signals import StopRequest
     from .trainer import Trainer, best_epoch, check_batch_size, check_model_fits
 
-    # Before anything is written: a run that fails at start-up still writes its trace, which
-    # must not land in a directory, through a missing one, or over a device such as /dev/null.
-    for name in ("metrics", "save", "trace"):
-        if getattr(config, name):
-            agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
     # From the start a signal is a stop request for the first step boundary, never a crash.
     stop = StopRequest().install()
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
@@ -168,6 +165,12 @@ def train(config, comm, safety, data=None, model=None):
         if config.checkpoint_dir:  # rank 0 holds the directory's lock until it exits
             lock = agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume)
                          if comm.is_root else None)
+        # After the checkpoint directory is made: outputs may go into it.
+        for name in ("metrics", "save", "trace"):
+            if getattr(config, name):
+                agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
+        if tracer:
+            tracer.path_checked = True
         if config.model == "mlp" and model is None:
             # Free memory may differ between nodes: every rank's verdict is shared.
             agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
@@ -205,7 +208,7 @@ def train(config, comm, safety, data=None, model=None):
         if tracer:
             tracer.gather_and_write(comm, config.trace)
     except DpflowError as error:
-        if tracer and error.agreed:  # every rank is here, at the same point: collect them all
+        if tracer and tracer.path_checked and error.agreed:  # every rank is here: collect them all
             tracer.gather_and_write(comm, config.trace)
         raise
     finally:

@@ -25,6 +25,8 @@ class Tracer:
         self.host = socket.gethostname()
         self.spans = []
         self.zero = time.perf_counter()  # replaced by the aligned zero in align_clocks()
+        # Until its caller has checked the path, a failure must write nothing there.
+        self.path_checked = False
 
     def add(self, name, start, stop, category="step", **args):
         """A span from two `time.perf_counter()` readings. Thread-safe (list.append)."""

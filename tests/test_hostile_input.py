@@ -206,3 +206,15 @@ def test_an_output_path_on_a_device_leaves_the_device(tmp_path, command, option)
     assert stat.S_ISCHR(os.stat(device).st_mode), "the device node was replaced by a file"
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "is not a regular file" in done.stderr, done.stderr
+
+
+def test_outputs_may_go_into_the_checkpoint_directory_the_run_creates(tmp_path):
+    """The output paths are checked once the checkpoint directory exists: `--checkpoint-dir run
+    --save run/final.npz` is one run's folder, not a missing directory."""
+    run = tmp_path / "run"
+    outputs = {"--save": run / "final.npz", "--metrics": run / "metrics.jsonl", "--trace": run / "trace.json"}
+    done = subprocess.run([sys.executable, "-m", "dpflow", "train", *SMALL, "--checkpoint-dir", str(run),
+                           *[str(part) for pair in outputs.items() for part in pair]],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert all(path.is_file() for path in outputs.values()), sorted(os.listdir(run))
