@@ -24,7 +24,7 @@ from .errors import UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import apply_mpich_settings, launcher_rank
-from .run import check_output_path, load_data, model_layout, train
+from .run import check_output_path, check_separate_files, load_data, model_layout, run_files, train
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -51,7 +51,9 @@ def train_config(args):
     flag_values = given_settings(args)
     if "model_args" in flag_values:  # each KEY=VALUE overrides that key of the file's [model] table
         flag_values["model_args"] = {**file_values.get("model_args", {}), **flag_values["model_args"]}
-    return build_config(file_values, flag_values)
+    config = build_config(file_values, flag_values)
+    check_separate_files({"--config": args.config, **run_files(config)})
+    return config
 
 
 def save_array(path, array):
@@ -111,6 +113,7 @@ def run_predict(args, comm, safety):
             return None
         if args.output:  # before the work, and never a device: the write renames over the path
             check_output_path("--output", args.output)
+            check_separate_files({"--checkpoint": args.checkpoint, "--input": args.input, "--output": args.output})
         model = load_model(args.checkpoint)
         x = read_examples(args.input, model.input_shape)
         return model, predict(model, x, args.probabilities)

@@ -41,6 +41,27 @@ def check_output_path(name, path):
                          f"the {limit} bytes this filesystem allows")
 
 
+def check_separate_files(paths):
+    """{how it was named: path}: no two name one file, or the later write replaces the other,
+    an input read before (the dataset, the config file) or another output. Empty paths are unset."""
+    seen = {}
+    for what, path in paths.items():
+        if not path:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"{what} {path} is the file {seen[key]} names too: writing it would replace that "
+                             "file; give each its own path")
+        seen[key] = what
+
+
+def run_files(config):
+    """{setting: path} of the files a run reads or writes by name."""
+    dataset = config.dataset if os.path.isfile(config.dataset) else ""  # a built-in or a directory: no one file
+    return {f"`{name}`": path for name, path in (("dataset", dataset), ("metrics", config.metrics),
+                                                 ("save", config.save), ("trace", config.trace))}
+
+
 CHECKPOINT_BEHIND = 3  # trained to the end, but the last checkpoint writes failed
 
 
@@ -166,6 +187,7 @@ def train(config, comm, safety, data=None, model=None):
             lock = agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume)
                          if comm.is_root else None)
         # After the checkpoint directory is made: outputs may go into it.
+        agree(comm, lambda: check_separate_files(run_files(config)) if comm.is_root else None)
         for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)

@@ -114,6 +114,18 @@ CASES = {
     "a launch summary through a missing directory": (lambda d: ["launch", "--summary-json", str(d / "no" / "s.json"),
                                                                 "--", "train", "--checkpoint-dir", "ck"],
                                                      "does not exist or is not writable"),
+    # an output that is an input, or another output: the write would replace it
+    "parameters saved over the dataset": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
+                                                     npz(d / "d.npz", x_train=np.ones((40, 4)), y_train=labels(),
+                                                         x_test=np.ones((40, 4)), y_test=labels()),
+                                                     "--save", str(d / "d.npz")], "is the file --dataset names too"),
+    "metrics written over the config file": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", "seed = 1\n"),
+                                                        "--metrics", str(d / "c.toml")], "is the file --config names too"),
+    "a trace written over the metrics": (lambda d: ["train", *SMALL, "--metrics", str(d / "m"), "--trace", str(d / "m")],
+                                         "is the file --metrics names too"),
+    "predictions written over the examples": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
+                                                         npy(d / "x.npy", np.ones((2, 4))), "--output", str(d / "x.npy")],
+                                              "is the file --input names too"),
     # data whose contents break the arithmetic
     "no feature columns": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
                                       npz(d / "d.npz", x_train=np.ones((40, 0)), y_train=labels(),
@@ -185,11 +197,19 @@ def test_hostile_input_exits_2_with_one_message(tmp_path, name):
     if name == "a plot written into a file":  # the one plot case that gets as far as drawing
         pytest.importorskip("matplotlib", reason="dpflow plot needs the plot extra (matplotlib), which "
                             "the container image, like a plain install, does not have")
+    saved = files_and_contents(tmp_path)
     done = subprocess.run([sys.executable, "-m", "dpflow", *argv], capture_output=True, text=True,
                           timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": ""})
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
     assert message.format(tmp_path) in done.stderr, done.stderr
+    now = files_and_contents(tmp_path)
+    assert {path: now.get(path) for path in saved} == saved, "bad input changed or removed a file already saved"
+
+
+def files_and_contents(directory):
+    """{path: bytes} of the regular files under `directory`."""
+    return {path: path.read_bytes() for path in directory.rglob("*") if path.is_file() and not path.is_symlink()}
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="making a device node needs root")
