@@ -15,6 +15,7 @@ import pytest
 TIMEOUT = 60
 SMALL = ["--dataset", "synthetic", "--samples", "200", "--features", "4", "--classes", "3", "--epochs", "1",
          "--hidden", "8", "--quiet"]
+CNN = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--quiet"]
 BENCH = ["--steps", "2", "--warmup", "0", "--features", "4", "--hidden", "8", "--batch-size", "8"]
 
 
@@ -84,6 +85,14 @@ CASES = {
                                      "does not fit in this machine's memory"),
     "more synthetic classes than memory": (lambda d: ["train", *SMALL, "--features", "100", "--classes", "100000000"],
                                            "does not fit in this machine's memory"),
+    # model arguments out of range
+    "a dropout rate that is not a number (it turned dropout off)": (
+        lambda d: ["train", *CNN, "--model-arg", "dropout=nan"], "dropout must be a rate in [0, 1)"),
+    "a negative dropout rate": (lambda d: ["train", *CNN, "--model-arg", "dropout=-0.5"], "dropout must be a rate"),
+    "a convolution of no channels": (lambda d: ["train", *CNN, "--model-arg", "channels=[0]"], "channels must be integers >= 1"),
+    "a negative kernel": (lambda d: ["train", *CNN, "--model-arg", "kernel=-1"], "kernel must be integers >= 1"),
+    "a negative padding": (lambda d: ["train", *CNN, "--model-arg", "padding=-1"], "padding must be integers >= 0"),
+    "an mlp layer of no units": (lambda d: ["train", *SMALL, "--model-arg", "hidden=[0]"], "hidden must be integers >= 1"),
     # devices, binary and huge files where a text file is expected
     "a config that is a device": (lambda d: ["train", *SMALL, "--config", "/dev/zero"], "is not a regular file"),
     "a config that is not text": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", b"\xff\xfe\x00epochs")],
