@@ -47,7 +47,7 @@ def add_train_arguments(parser):
 
 
 def train_config(args):
-    file_values = load_toml(args.config) if args.config else {}
+    file_values = load_toml(args.config) if args.config is not None else {}  # "" is a path that is not there
     flag_values = given_settings(args)
     if "model_args" in flag_values:  # each KEY=VALUE overrides that key of the file's [model] table
         flag_values["model_args"] = {**file_values.get("model_args", {}), **flag_values["model_args"]}

@@ -350,13 +350,24 @@ def read_text_file(path, what, limit=MAX_TEXT_FILE):
 
 def load_toml(path):
     """The keys of a TOML config file (flag names with - or _; an optional [train] table)."""
+    if not path:  # `--config $RUN_TOML` with the variable unset
+        raise UsageError("--config is empty; give the path of a TOML file, or leave --config out")
     text = read_text_file(path, f"--config {path}")
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"--config {path} is not valid TOML: {error}") from None
-    if set(table) == {"train"} and isinstance(table["train"], dict):
-        table = table["train"]
+    if isinstance(table.get("train"), dict):  # [train] holds the settings; a [model] table may sit beside it
+        outside = sorted(set(table) - {"train", "model"})
+        if outside:
+            raise UsageError(f"--config {path}: {', '.join(outside)} outside its [train] table; put every "
+                             "setting inside [train], or drop the [train] header")
+        model = table.get("model")
+        table = dict(table["train"])
+        if isinstance(model, dict) and isinstance(table.get("model"), str):
+            model = {"spec": table["model"], **model}  # [train]'s model = "SPEC", [model]'s arguments
+        if model is not None:
+            table["model"] = model
     values = {}
     if isinstance(table.get("model"), dict):  # [model]: the builder's arguments, and its spec
         arguments = dict(table.pop("model"))

@@ -94,6 +94,10 @@ CASES = {
     "a negative padding": (lambda d: ["train", *CNN, "--model-arg", "padding=-1"], "padding must be integers >= 0"),
     "an mlp layer of no units": (lambda d: ["train", *SMALL, "--model-arg", "hidden=[0]"], "hidden must be integers >= 1"),
     # devices, binary and huge files where a text file is expected
+    "an empty config path (an unset variable)": (lambda d: ["train", *SMALL, "--config", ""], "--config is empty"),
+    "settings inside and outside [train]": (lambda d: ["train", *SMALL, "--config",
+                                                       write(d / "c.toml", "seed = 1\n[train]\nlr = 0.1\n")],
+                                            "seed outside its [train] table"),
     "a config that is a device": (lambda d: ["train", *SMALL, "--config", "/dev/zero"], "is not a regular file"),
     "a config that is not text": (lambda d: ["train", *SMALL, "--config", write(d / "c.toml", b"\xff\xfe\x00epochs")],
                                   "is not UTF-8 text"),
@@ -247,3 +251,13 @@ def test_outputs_may_go_into_the_checkpoint_directory_the_run_creates(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert all(path.is_file() for path in outputs.values()), sorted(os.listdir(run))
+
+
+def test_a_model_table_beside_the_train_table_gives_the_builder_its_arguments(tmp_path):
+    """`[train]` holds the settings and `[model]` the builder's arguments, as without `[train]`
+    (the `[model]` table beside it was refused as an unknown key 'train')."""
+    config = write(tmp_path / "c.toml", '[train]\nmodel = "cnn"\nepochs = 1\n[model]\ndropout = 0.1\n')
+    done = subprocess.run([sys.executable, "-m", "dpflow", "train", "--dataset", "digits", "--config", config],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "model: cnn (dropout=0.1)" in done.stdout + done.stderr, done.stdout
