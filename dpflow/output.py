@@ -105,7 +105,9 @@ def model_lines(trainer):
     model, config = trainer.model, trainer.config
     count = f"{model.parameter_count():,} parameters, {config.dtype}"
     if config.model == "mlp" and hasattr(model, "sizes"):
-        return [f"model: MLP {'-'.join(map(str, model.sizes))} {config.activation}, {count}"]
+        # The model's own: a [model] table or --model-arg activation=... overrides `activation`.
+        activation = getattr(model, "activation", config.activation)
+        return [f"model: MLP {'-'.join(map(str, model.sizes))} {activation}, {count}"]
     args = ", ".join(f"{key}={value}" for key, value in config.model_args.items())
     lines = [f"model: {config.model or 'given in Python'}{f' ({args})' if args else ''}, {count}"]
     rows = model.summary(trainer.data.input_shape, trainer.dtype)

@@ -261,3 +261,13 @@ def test_a_model_table_beside_the_train_table_gives_the_builder_its_arguments(tm
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "model: cnn (dropout=0.1)" in done.stdout + done.stderr, done.stdout
+
+
+def test_the_banner_names_the_activation_the_mlp_was_built_with(tmp_path):
+    """A [model] table's activation reaches the builder (it overrides `activation`), and the
+    banner says so (it printed the setting's relu beside a tanh network)."""
+    config = write(tmp_path / "c.toml", '[model]\nactivation = "tanh"\n')
+    done = subprocess.run([sys.executable, "-m", "dpflow", "train", *SMALL[:-1], "--config", config],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "model: MLP 4-8-3 tanh" in done.stdout, done.stdout
