@@ -215,6 +215,13 @@ def check_contents(path, arrays, meta):
             damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
     if model.get("dtype") not in ("float32", "float64"):
         damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
+    if meta.get("normalizer") is not None:
+        from .normalize import Normalizer
+
+        try:
+            Normalizer.from_state(meta["normalizer"])
+        except ValueError as error:
+            damaged(f"its normalizer: {error}")
     if meta.get("last_epoch") is not None and not isinstance(meta["last_epoch"], dict):
         damaged(f"last_epoch is {meta['last_epoch']!r}, not a table")
     if not any(name.startswith("param/") for name in arrays):

@@ -125,6 +125,10 @@ IMPOSSIBLE = {
     "model sizes of text": changed(2, **{"model.sizes": "2,2"}),
     "model without dtype": changed(2, **{"model.dtype": REMOVE}),
     "metadata not a table": [1, 2, 3],
+    "normaliser of an unknown kind": changed(2, normalizer={"kind": "whiten"}),
+    "normaliser without its shift": changed(2, normalizer={"kind": "standardize", "scale": [1.0]}),
+    "normaliser dividing by zero": changed(2, normalizer={"kind": "scale", "shift": [0.0], "scale": [0.0]}),
+    "normaliser of text": changed(2, normalizer="standardize"),
 }
 
 

@@ -47,6 +47,16 @@ def checkpoint(directory):
     return str(directory / "ck")
 
 
+def with_meta(directory, **changes):
+    """`directory`'s newest checkpoint rewritten (checksum and all) with metadata `changes`."""
+    from dpflow.checkpoint import decode, encode, list_checkpoints
+
+    path = list_checkpoints(directory)[0]
+    arrays, meta = decode(open(path, "rb").read())
+    open(path, "wb").write(encode(arrays, {**meta, **changes}))
+    return directory
+
+
 def labels(n=40):
     return np.arange(n) % 3
 
@@ -149,6 +159,8 @@ CASES = {
                                                           "is not a regular file"),
     "a checkpoint to predict with that is a device": (lambda d: ["predict", "--checkpoint", "/dev/zero", "--input",
                                                                  npy(d / "x.npy", np.ones((2, 4)))], "is not a regular file"),
+    "a checkpoint whose normaliser is not one": (lambda d: ["eval", "--checkpoint", with_meta(checkpoint(d), normalizer={
+        "kind": "bogus"})], "its normalizer"),
     "examples in a truncated .npz": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
                                                 truncated(npz(d / "x.npz", x=np.ones((5, 4))))], "--input"),
     "predictions written into a directory": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
