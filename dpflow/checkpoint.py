@@ -235,8 +235,13 @@ def check_contents(path, arrays, meta):
             damaged(f"{name} holds NaN or infinite values")
 
 
-def load_latest_valid(directory, warn=print):
+RESUME_FIX = "Start again without `resume` (and a fresh `checkpoint_dir`)"
+READ_FIX = "Give another checkpoint file or directory"  # for eval and predict, which train nothing
+
+
+def load_latest_valid(directory, warn=print, fix=RESUME_FIX):
     """(path, arrays, meta) of the newest checkpoint that verifies; warn about each skipped one.
+    `fix` ends the message when none does.
 
     Every checkpoint from the highest step down: `latest` may point at an older one than
     the newest that was written (a run killed between writing a checkpoint and moving the
@@ -259,14 +264,14 @@ def load_latest_valid(directory, warn=print):
         return path, arrays, meta
     raise CheckpointError(
         f"no valid checkpoint in {directory}: " + "; ".join(problems)
-        + ". Start again without `resume` (and a fresh `checkpoint_dir`)"
+        + f". {fix}"
     )
 
 
-def load_checkpoint_source(source, warn=print):
+def load_checkpoint_source(source, warn=print, fix=RESUME_FIX):
     """(path, arrays, meta) of a checkpoint file, or of a directory's newest valid one."""
     if os.path.isdir(source):
-        return load_latest_valid(source, warn=warn)
+        return load_latest_valid(source, warn=warn, fix=fix)
     return (source, *read_checkpoint(source))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import __version__, _threads, bench, output
 from .agreement import agree
-from .checkpoint import atomic_write, load_checkpoint, load_checkpoint_source
+from .checkpoint import READ_FIX, atomic_write, load_checkpoint, load_checkpoint_source
 from .config import FIELDS, TrainConfig, add_setting_arguments, build_config, given_settings, load_toml, spell_flag
 from .errors import UsageError
 from .evaluation import evaluate
@@ -77,7 +77,7 @@ def run_eval(args, comm, safety):
         """Rank 0 reads the checkpoint once: its stored settings build the model."""
         if not os.path.exists(args.checkpoint):
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        return load_checkpoint_source(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
+        return load_checkpoint_source(args.checkpoint, warn=lambda m: print(m, file=sys.stderr), fix=READ_FIX)
 
     loaded = agree(comm, lambda: read() if comm.is_root else None)
     stored = comm.broadcast_object(loaded[2]["config"] if comm.is_root else None)

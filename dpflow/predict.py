@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .checkpoint import describe_model, load_checkpoint_source
+from .checkpoint import READ_FIX, describe_model, load_checkpoint_source
 from .errors import CheckpointError, UsageError
 from .modelspec import build_model, spec_file
 
@@ -65,7 +65,7 @@ def load_model(checkpoint, model=None):
 
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"{checkpoint}: no such checkpoint file or directory")
-    path, arrays, meta = load_checkpoint_source(checkpoint)
+    path, arrays, meta = load_checkpoint_source(checkpoint, fix=READ_FIX)
     model_meta = meta.get("model", {})
     if model is None:
         model = model_from_meta(model_meta, path)

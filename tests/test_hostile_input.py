@@ -160,7 +160,7 @@ CASES = {
     "a checkpoint to predict with that is a device": (lambda d: ["predict", "--checkpoint", "/dev/zero", "--input",
                                                                  npy(d / "x.npy", np.ones((2, 4)))], "is not a regular file"),
     "a checkpoint whose normaliser is not one": (lambda d: ["eval", "--checkpoint", with_meta(checkpoint(d), normalizer={
-        "kind": "bogus"})], "its normalizer"),
+        "kind": "bogus"})], "is not a normaliser's state. Give another checkpoint"),
     "examples in a truncated .npz": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
                                                 truncated(npz(d / "x.npz", x=np.ones((5, 4))))], "--input"),
     "predictions written into a directory": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
