@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import run
 
 TIMEOUT = 60
 SMALL = ["--dataset", "synthetic", "--samples", "200", "--features", "4", "--classes", "3", "--epochs", "1",
@@ -55,6 +56,11 @@ def with_meta(directory, **changes):
     arrays, meta = decode(open(path, "rb").read())
     open(path, "wb").write(encode(arrays, {**meta, **changes}))
     return directory
+
+
+def model_file(directory, source):
+    """The SPEC of `build` in a model file holding `source`."""
+    return write(directory / "model.py", source) + ":build"
 
 
 def labels(n=40):
@@ -103,6 +109,10 @@ CASES = {
     "a negative kernel": (lambda d: ["train", *CNN, "--model-arg", "kernel=-1"], "kernel must be integers >= 1"),
     "a negative padding": (lambda d: ["train", *CNN, "--model-arg", "padding=-1"], "padding must be integers >= 0"),
     "an mlp layer of no units": (lambda d: ["train", *SMALL, "--model-arg", "hidden=[0]"], "hidden must be integers >= 1"),
+    "a builder that calls sys.exit": (lambda d: ["train", *SMALL, "--model", model_file(d, "import sys\n\n\ndef build(*args, **kwargs):\n    sys.exit(5)\n")],
+                                      "the builder called sys.exit(5)"),
+    "a model file that calls sys.exit": (lambda d: ["train", *SMALL, "--model", model_file(d, "import sys\nsys.exit(4)\n")],
+                                         "when imported, called sys.exit(4)"),
     # devices, binary and huge files where a text file is expected
     "an empty config path (an unset variable)": (lambda d: ["train", *SMALL, "--config", ""], "--config is empty"),
     "settings inside and outside [train]": (lambda d: ["train", *SMALL, "--config",
@@ -283,3 +293,14 @@ def test_the_banner_names_the_activation_the_mlp_was_built_with(tmp_path):
                           capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "model: MLP 4-8-3 tanh" in done.stdout, done.stdout
+
+
+def test_a_builder_that_exits_on_one_rank_ends_the_job_with_one_message(tmp_path):
+    """sys.exit() in the user's builder on rank 1 alone ended rank 1 while rank 0 waited for
+    its verdict until the stall timeout: it is a failure of the builder, shared like any."""
+    spec = model_file(tmp_path, "import sys\n\nfrom dpflow.launcher import launcher_rank\nfrom dpflow.zoo import mlp\n\n\n"
+                                "def build(*args, **kwargs):\n    if launcher_rank() == 1:\n        sys.exit(5)\n"
+                                "    return mlp(*args, **kwargs)\n")
+    done = run([sys.executable, "-m", "dpflow", "train", *SMALL, "--model", spec], ranks=2, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and "sys.exit(5)" in done.stderr, done
