@@ -324,6 +324,11 @@ def check_checkpoint_dir(directory, resume):
                 "to continue that run, or choose an empty directory"
             )
         remove_temporaries(directory)
+        for name in (LATEST, BEST):  # each write renames a file over these: a directory there fails them all
+            path = os.path.join(directory, name)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise CheckpointError(f"`checkpoint_dir` {directory} holds {name}, which is not a file: every "
+                                      f"checkpoint write would fail; remove {path}")
         try:
             probe = os.path.join(directory, f".write-test-{os.getpid()}")
             with open(probe, "wb"):

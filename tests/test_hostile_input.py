@@ -48,6 +48,12 @@ def checkpoint(directory):
     return str(directory / "ck")
 
 
+def latest_a_directory(directory):
+    os.remove(os.path.join(directory, "latest"))
+    os.mkdir(os.path.join(directory, "latest"))
+    return directory
+
+
 def with_meta(directory, **changes):
     """`directory`'s newest checkpoint rewritten (checksum and all) with metadata `changes`."""
     from dpflow.checkpoint import decode, encode, list_checkpoints
@@ -169,6 +175,9 @@ CASES = {
                                                           "is not a regular file"),
     "a checkpoint to predict with that is a device": (lambda d: ["predict", "--checkpoint", "/dev/zero", "--input",
                                                                  npy(d / "x.npy", np.ones((2, 4)))], "is not a regular file"),
+    "a checkpoint directory whose latest is a directory (every write failed)": (
+        lambda d: ["train", *SMALL, "--checkpoint-dir", latest_a_directory(checkpoint(d)), "--resume", "--epochs", "2"],
+        "holds latest, which is not a file"),
     "a checkpoint whose normaliser is not one": (lambda d: ["eval", "--checkpoint", with_meta(checkpoint(d), normalizer={
         "kind": "bogus"})], "is not a normaliser's state. Give another checkpoint"),
     "examples in a truncated .npz": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
