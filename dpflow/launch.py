@@ -678,11 +678,12 @@ def check_options(options):
         raise UsageError(f"--max-restarts must be >= 0, got {options.max_restarts}")
     if not 0 < options.probe_timeout < 86400:
         raise UsageError(f"--probe-timeout must be a positive number of seconds, got {options.probe_timeout}")
-    for arg in options.launcher_arg:
+    words = [("--launcher-arg", arg) for arg in options.launcher_arg]
+    for what, text in [*words, (RANK_COMMAND_VARIABLE, os.environ.get(RANK_COMMAND_VARIABLE, ""))]:
         try:
-            shlex.split(arg)
+            shlex.split(text)
         except ValueError as error:
-            raise UsageError(f"--launcher-arg {arg!r} cannot be split as a shell would ({error}); close its "
+            raise UsageError(f"{what} {text!r} cannot be split as a shell would ({error}); close its "
                              "quotes, e.g. --launcher-arg='-launcher ssh'") from None
     if options.summary_json:  # checked now: the summary is written when the job is over
         from .run import check_output_path

@@ -214,8 +214,11 @@ def idx_dir(directory):
     return str(path)
 
 
-# name: (environment variables, what the message says)
+# name: (environment variables, what the message says, the command: `train` unless given)
+LAUNCH = ["launch", "--", "train", "--checkpoint-dir", "ck"]
 ENVIRONMENTS = {
+    "a launch rank command with an open quote": ({"DPFLOW_LAUNCH_RANK_COMMAND": "'python -m dpflow"},
+                                                 "cannot be split as a shell would", LAUNCH),
     "a communicator dpflow does not have": ({"DPFLOW_COMM": "nccl"}, "DPFLOW_COMM must be auto, mpi or local"),
     "a thread count that is a word": ({"OMP_NUM_THREADS": "abc"}, "OMP_NUM_THREADS='abc' is not a thread count"),
     "a negative thread count": ({"OPENBLAS_NUM_THREADS": "-1"}, "OPENBLAS_NUM_THREADS='-1' is not a thread count"),
@@ -225,8 +228,9 @@ ENVIRONMENTS = {
 
 @pytest.mark.parametrize("name", list(ENVIRONMENTS))
 def test_a_hostile_environment_exits_2_with_one_message(tmp_path, name):
-    variables, message = ENVIRONMENTS[name]
-    done = subprocess.run([sys.executable, "-m", "dpflow", "train", *SMALL], capture_output=True, text=True,
+    variables, message, *command = ENVIRONMENTS[name]
+    argv = command[0] if command else ["train", *SMALL]
+    done = subprocess.run([sys.executable, "-m", "dpflow", *argv], capture_output=True, text=True,
                           timeout=TIMEOUT, cwd=tmp_path, env={**os.environ, "DPFLOW_DEBUG": "", **variables})
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "Traceback" not in done.stderr, done.stderr
