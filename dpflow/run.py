@@ -35,6 +35,9 @@ def check_output_path(name, path):
                          "writable; create it or choose another path")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
         raise UsageError(f"{shown} {path} exists and is not a regular file; give a file path")
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # the rename would replace it all the same
+        raise UsageError(f"{shown} {path} exists and is read-only: it is kept; choose another path, or "
+                         "make it writable to replace it")
     limit = os.pathconf(parent, "PC_NAME_MAX")
     if len(os.fsencode(os.path.basename(path))) > limit:
         raise UsageError(f"{shown}: the file name {os.path.basename(path)[:40]}... is longer than "

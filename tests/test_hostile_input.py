@@ -5,6 +5,7 @@ what the arrays can hold, models larger than memory, devices and binary files wh
 is expected, output paths that cannot be created, data whose contents break arithmetic)."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -317,3 +318,21 @@ def test_a_builder_that_exits_on_one_rank_ends_the_job_with_one_message(tmp_path
     done = run([sys.executable, "-m", "dpflow", "train", *SMALL, "--model", spec], ranks=2, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 2, done
     assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and "sys.exit(5)" in done.stderr, done
+
+
+@pytest.mark.parametrize("command, option", [(["train", *SMALL], "--save"), (["train", *SMALL], "--metrics"),
+                                             (["bench", *BENCH], "--trace")])
+def test_a_read_only_output_file_is_kept(tmp_path, command, option):
+    """A file made read-only is one its owner means to keep: the write-then-rename would
+    replace it all the same (only the directory's permission counts), so it is refused."""
+    if os.geteuid() == 0 and not shutil.which("setpriv"):
+        pytest.skip("root reads permissions only without CAP_DAC_OVERRIDE, which setpriv drops")
+    as_owner = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    kept = tmp_path / "kept"
+    kept.write_bytes(b"results of last week")
+    kept.chmod(0o444)
+    done = subprocess.run([*as_owner, sys.executable, "-m", "dpflow", *command, option, str(kept)],
+                          capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
+    assert kept.read_bytes() == b"results of last week"
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert done.stderr.count("error:") == 1 and "is read-only: it is kept" in done.stderr, done.stderr
