@@ -294,6 +294,9 @@ def read_metrics(path):
 def plot(metrics, output):
     """Loss and accuracy curves from a --metrics file, as a PNG."""
     # The file first: what is wrong with it is said whether or not matplotlib is installed.
+    if os.path.realpath(output) == os.path.realpath(metrics):
+        raise UsageError(f"-o {output} is the metrics file itself: writing the plot would replace it; "
+                         "choose another path, e.g. curves.png")
     records = read_metrics(metrics)
     epochs = [r for r in records if r.get("test_loss") is not None]
     if not epochs:
@@ -308,6 +311,10 @@ def plot(metrics, output):
                          "(not `pip install dpflow`: that name belongs to an unrelated project)") from None
     steps = [r for r in records if r.get("test_loss") is None and r.get("train_loss") is not None]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    kind = os.path.splitext(output)[1][1:].lower()  # none: matplotlib writes a PNG
+    if kind and kind not in figure.canvas.get_supported_filetypes():
+        raise UsageError(f"-o {output}: matplotlib cannot write .{kind} files; give a name ending in .png "
+                         f"(or .{', .'.join(sorted(figure.canvas.get_supported_filetypes()))})")
     if steps:
         loss_axis.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], alpha=0.35,
                        label="train (per step)")

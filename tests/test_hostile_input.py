@@ -17,6 +17,7 @@ from helpers import run
 TIMEOUT = 60
 SMALL = ["--dataset", "synthetic", "--samples", "200", "--features", "4", "--classes", "3", "--epochs", "1",
          "--hidden", "8", "--quiet"]
+METRICS = '{"epoch": 1, "step": 1, "train_loss": 1, "test_loss": 1, "test_accuracy": 0.5}\n'
 CNN = ["--dataset", "digits", "--model", "cnn", "--epochs", "1", "--quiet"]
 BENCH = ["--steps", "2", "--warmup", "0", "--features", "4", "--hidden", "8", "--batch-size", "8"]
 
@@ -190,6 +191,10 @@ CASES = {
                                                       npy(d / "x.npy", np.ones((2, 4))), "--output",
                                                       str(d / "file" / "p.npy")], "does not exist or is not writable"),
     # metrics records that are not records
+    "a plot over its own metrics file": (lambda d: ["plot", write(d / "m.jsonl", METRICS), "-o", str(d / "m.jsonl")],
+                                         "is the metrics file itself"),
+    "a plot in a format matplotlib does not write": (lambda d: ["plot", write(d / "m.jsonl", METRICS), "-o",
+                                                                str(d / "c.jsonl")], "matplotlib cannot write .jsonl"),
     "a metrics line that is a list": (lambda d: ["plot", write(d / "m.jsonl", "[1, 2]\n"), "-o", str(d / "c.png")],
                                       "is not a metrics record"),
     "a metrics value that is text": (lambda d: ["plot", write(d / "m.jsonl", '{"epoch": 1, "step": "one", "test_loss": 1, '
@@ -238,12 +243,15 @@ def test_a_hostile_environment_exits_2_with_one_message(tmp_path, name):
     assert message in done.stderr, done.stderr
 
 
+DRAWN = ("a plot written into a file", "a plot in a format matplotlib does not write")  # cases that get as far as drawing
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_hostile_input_exits_2_with_one_message(tmp_path, name):
     build, message = CASES[name]
     (tmp_path / "file").write_text("a file, not a directory")
     argv = build(tmp_path)
-    if name == "a plot written into a file":  # the one plot case that gets as far as drawing
+    if name in DRAWN:
         pytest.importorskip("matplotlib", reason="dpflow plot needs the plot extra (matplotlib), which "
                             "the container image, like a plain install, does not have")
     saved = files_and_contents(tmp_path)
