@@ -305,7 +305,7 @@ def check_checkpoint_dir(directory, resume):
     returned, to hold), remove the temporaries of writes that were killed, and prove a file
     can be written there. A new run never writes into another run's checkpoints: pruning
     would delete them."""
-    from .lock import DirectoryBusy, DirectoryLock
+    from .lock import LOCK_NAME, DirectoryBusy, DirectoryLock
 
     try:
         os.makedirs(directory, exist_ok=True)
@@ -313,6 +313,12 @@ def check_checkpoint_dir(directory, resume):
     except DirectoryBusy as busy:
         raise CheckpointError(f"`checkpoint_dir` {busy}") from None
     except OSError as error:
+        lock_file = os.path.join(directory, LOCK_NAME)
+        if os.path.isdir(directory) and os.path.lexists(lock_file):  # a directory, a FIFO, a file not ours
+            raise CheckpointError(
+                f"`checkpoint_dir` {directory}: its lock file {lock_file} cannot be used ({error.strerror}); "
+                "remove it if no run uses the directory"
+            ) from None
         raise CheckpointError(
             f"`checkpoint_dir` {directory} is not writable ({error.strerror}); "
             "choose a directory you can write to"

@@ -56,6 +56,11 @@ def latest_a_directory(directory):
     return directory
 
 
+def lock_a_directory(directory):
+    os.mkdir(os.path.join(directory, ".lock"))
+    return directory
+
+
 def with_meta(directory, **changes):
     """`directory`'s newest checkpoint rewritten (checksum and all) with metadata `changes`."""
     from dpflow.checkpoint import decode, encode, list_checkpoints
@@ -180,6 +185,9 @@ CASES = {
     "a checkpoint directory whose latest is a directory (every write failed)": (
         lambda d: ["train", *SMALL, "--checkpoint-dir", latest_a_directory(checkpoint(d)), "--resume", "--epochs", "2"],
         "holds latest, which is not a file"),
+    "a checkpoint directory whose lock file is a directory": (
+        lambda d: ["train", *SMALL, "--checkpoint-dir", lock_a_directory(checkpoint(d)), "--resume", "--epochs", "2"],
+        "its lock file {}/ck/.lock cannot be used (Is a directory); remove it"),
     "a checkpoint whose normaliser is not one": (lambda d: ["eval", "--checkpoint", with_meta(checkpoint(d), normalizer={
         "kind": "bogus"})], "is not a normaliser's state. Give another checkpoint"),
     "examples in a truncated .npz": (lambda d: ["predict", "--checkpoint", checkpoint(d), "--input",
