@@ -20,6 +20,7 @@ from .config import MAX_COUNT, add_setting_arguments, build_config, given_settin
 from .data import Dataset, available_memory
 from .errors import UsageError
 from .modelspec import input_layout, resolve_builder
+from .run import build_run_model, check_output_path
 from .trainer import Trainer, check_model_fits
 
 
@@ -213,7 +214,9 @@ def bench_trainer(config, comm, shape, sync=True):
     x = rng.standard_normal((config.batch_size, *shape), dtype=np.float32).astype(config.dtype)
     y = rng.integers(0, config.classes, config.batch_size)
     data = Dataset("bench", x, y, x[:1], y[:1], config.classes)
-    trainer = Trainer(config, comm, data)
+    # As `dpflow train` builds it: a builder that fails on one rank, or builds another graph
+    # there, stops every rank with one message instead of leaving the others in a collective.
+    trainer = Trainer(config, comm, data, model=build_run_model(comm, config, data))
     trainer.sync = sync
     return trainer
 
@@ -261,8 +264,6 @@ def run_bench(args, comm):
     shape = example_shape(args, config)
     agree(comm, lambda: check_bench_fits(config, shape))  # free memory may differ between nodes
     if config.trace:  # before the steps, so that a bad path costs no run and overwrites no device
-        from .run import check_output_path
-
         agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
     if args.predict:
         return run_predict(args, config, shape, comm)

@@ -325,15 +325,21 @@ def test_the_banner_names_the_activation_the_mlp_was_built_with(tmp_path):
     assert "model: MLP 4-8-3 tanh" in done.stdout, done.stdout
 
 
-def test_a_builder_that_exits_on_one_rank_ends_the_job_with_one_message(tmp_path):
-    """sys.exit() in the user's builder on rank 1 alone ended rank 1 while rank 0 waited for
-    its verdict until the stall timeout: it is a failure of the builder, shared like any."""
-    spec = model_file(tmp_path, "import sys\n\nfrom dpflow.launcher import launcher_rank\nfrom dpflow.zoo import mlp\n\n\n"
-                                "def build(*args, **kwargs):\n    if launcher_rank() == 1:\n        sys.exit(5)\n"
-                                "    return mlp(*args, **kwargs)\n")
-    done = run([sys.executable, "-m", "dpflow", "train", *SMALL, "--model", spec], ranks=2, timeout=TIMEOUT, cwd=tmp_path)
+ON_RANK_1 = "import sys\n\nfrom dpflow.launcher import launcher_rank\nfrom dpflow.zoo import mlp\n\n\n" \
+            "def build(*args, **kwargs):\n    if launcher_rank() == 1:\n        {}\n    return mlp(*args, **kwargs)\n"
+
+
+@pytest.mark.parametrize("command, failure, message", [
+    # sys.exit() on rank 1 alone ended rank 1 while rank 0 waited for its verdict until the stall timeout
+    (["train", *SMALL], "sys.exit(5)", "sys.exit(5)"),
+    # bench built its model outside the shared verdicts, with no stall timeout: rank 0 waited forever
+    (["bench", *BENCH], "raise RuntimeError('no GPU on this node')", "no GPU on this node"),
+], ids=["train: sys.exit", "bench: an exception"])
+def test_a_builder_that_fails_on_one_rank_ends_the_job_with_one_message(tmp_path, command, failure, message):
+    spec = model_file(tmp_path, ON_RANK_1.format(failure))
+    done = run([sys.executable, "-m", "dpflow", *command, "--model", spec], ranks=2, timeout=TIMEOUT, cwd=tmp_path)
     assert done.returncode == 2, done
-    assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and "sys.exit(5)" in done.stderr, done
+    assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and message in done.stderr, done
 
 
 @pytest.mark.parametrize("command, option", [(["train", *SMALL], "--save"), (["train", *SMALL], "--metrics"),
