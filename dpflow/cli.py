@@ -24,7 +24,8 @@ from .errors import UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import apply_mpich_settings, launcher_rank
-from .run import check_output_path, check_separate_files, load_data, model_layout, run_files, train
+from .run import (build_run_model, check_output_path, check_separate_files, load_data, model_layout, run_files,
+                  train)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -91,7 +92,8 @@ def run_eval(args, comm, safety):
     # The test set is transformed exactly as the checkpoint's training batches were.
     normalizer = comm.broadcast_object(loaded[2].get("normalizer") if comm.is_root else None)
     data = load_data(comm, config, normalizer, layout=model_layout(config, None))
-    trainer = Trainer(config, comm, data)
+    # Built as `train` builds it: a builder file missing on one node stops every rank together.
+    trainer = Trainer(config, comm, data, model=build_run_model(comm, config, data))
     path = load_checkpoint(trainer, args.checkpoint, for_training=False, loaded=loaded)
     confusion = np.zeros((data.n_classes, data.n_classes)) if args.confusion else None
     loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype,

@@ -358,3 +358,16 @@ def test_a_read_only_output_file_is_kept(tmp_path, command, option):
     assert kept.read_bytes() == b"results of last week"
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert done.stderr.count("error:") == 1 and "is read-only: it is kept" in done.stderr, done.stderr
+
+
+def test_a_checkpoints_builder_that_fails_on_one_rank_ends_eval_with_one_message(tmp_path):
+    """eval built the checkpoint's model outside the shared verdicts: a builder file that
+    fails on one node (missing there, another version) left rank 0 in the broadcast."""
+    spec = model_file(tmp_path, "from dpflow.zoo import mlp\n\n\ndef build(*args, **kwargs):\n    return mlp(*args, **kwargs)\n")
+    trained = run([sys.executable, "-m", "dpflow", "train", *SMALL, "--model", spec, "--checkpoint-dir", "ck"],
+                  timeout=TIMEOUT, cwd=tmp_path)
+    assert trained.returncode == 0, trained
+    model_file(tmp_path, ON_RANK_1.format("raise RuntimeError('an older model.py on this node')"))
+    done = run([sys.executable, "-m", "dpflow", "eval", "--checkpoint", "ck"], ranks=2, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode == 2, done
+    assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and "an older model.py" in done.stderr, done
