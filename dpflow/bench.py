@@ -64,7 +64,7 @@ def check_bench_fits(config, shape):
                          f"more than the {free / 2**30:.1f} GiB free here; lower `batch_size`, `features` or "
                          "--input-shape")
     if config.model == "mlp":
-        check_model_fits([math.prod(shape), *config.hidden, config.classes], config.dtype)
+        check_model_fits([math.prod(shape), *config.hidden, config.classes], config.dtype, config.batch_size)
 
 
 # The training settings bench takes, with its own defaults: the model and batch of BENCHMARKS.md.

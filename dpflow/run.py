@@ -198,7 +198,9 @@ def train(config, comm, safety, data=None, model=None):
             tracer.path_checked = True
         if config.model == "mlp" and model is None:
             # Free memory may differ between nodes: every rank's verdict is shared.
-            agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
+            micro_batch = -(-min(config.batch_size, data.n_train) // config.accumulate)
+            rows = -(-micro_batch // comm.size)  # this rank's share, rounded up
+            agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype, rows))
         watchdog.beat("building the model")
         with phase("build the model, broadcast rank 0's parameters"):
             model = build_run_model(comm, config, data, model)

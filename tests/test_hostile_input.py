@@ -104,6 +104,9 @@ CASES = {
     # models and data larger than memory
     "a hidden layer larger than memory": (lambda d: ["train", *SMALL, "--hidden", "2000000000"],
                                           "more than the"),
+    "a batch of logits larger than memory (it failed in the first step)": (
+        lambda d: ["train", "--dataset", "synthetic", "--samples", "10000", "--features", "4", "--classes", "1000000",
+                   "--hidden", "1", "--batch-size", "8192", "--epochs", "1"], "and a batch of 8000 rows, more than the"),
     "labels that are ids, not classes": (lambda d: ["train", "--epochs", "1", "--batch-size", "4", "--dataset",
                                                     npz(d / "d.npz", x_train=np.ones((40, 4)), y_train=labels() + 10**9,
                                                         x_test=np.ones((40, 4)), y_test=labels())],
