@@ -689,6 +689,10 @@ def check_options(options):
         from .run import check_output_path
 
         check_output_path("--summary-json", options.summary_json)
+    for flag, value in (("--hosts", options.hosts), ("--hostfile", options.hostfile)):
+        if value == "":  # `--hostfile $HOSTFILE` with the variable unset: not "this machine alone"
+            raise UsageError(f"{flag} is empty; name the hosts, or leave {flag} out to use the Slurm allocation "
+                             "or this machine alone")
     if launched_by_mpi():
         raise UsageError("dpflow launch starts the MPI launcher itself: run it directly, not under mpiexec")
     return train[1:]

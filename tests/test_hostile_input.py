@@ -158,6 +158,9 @@ CASES = {
                                               "-o", str(d / "file" / "c.png")], "cannot write it"),
     "a launcher argument with an open quote": (lambda d: ["launch", "--launcher-arg='-launcher ssh", "--", "train",
                                                           "--checkpoint-dir", "ck"], "cannot be split as a shell would"),
+    "an empty hostfile path (an unset variable; it ran on this machine alone)": (
+        lambda d: ["launch", "--hostfile", "", "--", "train", "--checkpoint-dir", "ck"], "--hostfile is empty"),
+    "an empty host list": (lambda d: ["launch", "--hosts", "", "--", "train", "--checkpoint-dir", "ck"], "--hosts is empty"),
     "a launch summary written into a directory": (lambda d: ["launch", "--summary-json", str(d), "--", "train",
                                                              "--checkpoint-dir", "ck"], "--summary-json {} is a directory"),
     "a launch summary through a missing directory": (lambda d: ["launch", "--summary-json", str(d / "no" / "s.json"),
