@@ -8,7 +8,9 @@ to OpenBLAS, MKL, BLIS and OpenMP alike), and the caller's environment is left u
 """
 
 import os
+import re
 
+from .errors import UsageError
 from .launcher import cores
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -20,11 +22,32 @@ LIBRARY_VARIABLES = {"openblas": ("OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS", "O
                      "openmp": ("OMP_NUM_THREADS",)}
 
 
+def thread_count(name, environ=os.environ):
+    """The count in the variable `name`, or None: unset, empty or 0 leaves the choice to
+    dpflow (OpenBLAS too reads 0 as its default). OMP_NUM_THREADS may list the counts of
+    nested levels (`4,2`): the first is this one's. Any other value is a typing mistake the
+    BLAS would silently ignore: a UsageError names it."""
+    value = environ.get(name, "").strip()
+    count = value.split(",")[0].strip() if name == "OMP_NUM_THREADS" else value
+    if value and not re.fullmatch(r"[0-9]+", count):
+        raise UsageError(f"{name}={environ[name]!r} is not a thread count; set it to a positive "
+                         f"integer such as 1, or unset it to let dpflow divide the cores among the ranks")
+    return int(count) if value and int(count) > 0 else None
+
+
+def check_thread_variables(environ=os.environ):
+    """A UsageError for the first of the thread variables that is set but is not a count."""
+    for name in THREAD_VARIABLES:
+        thread_count(name, environ)
+
+
 def chosen_threads(environ=os.environ, library=None):
-    """The thread count the user set in the environment (for `library`, as it reads it), or None."""
+    """The thread count the user set in the environment (for `library`, in the order it reads
+    its variables), or None."""
     for name in LIBRARY_VARIABLES.get(library, THREAD_VARIABLES):
-        if environ.get(name, "").isdigit() and int(environ[name]) > 0:
-            return int(environ[name])
+        count = thread_count(name, environ)
+        if count:
+            return count
     return None
 
 

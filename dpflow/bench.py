@@ -16,13 +16,13 @@ import numpy as np
 
 from . import _threads, launcher
 from .agreement import agree
-from .config import add_setting_arguments, build_config, given_settings
-from .data import Dataset
+from .config import MAX_COUNT, add_setting_arguments, build_config, given_settings
+from .data import Dataset, available_memory
 from .errors import UsageError
 from .modelspec import input_layout, resolve_builder
-from .run import check_output_path
+from .run import build_run_model, check_output_path
 from .sharding import shard_bounds
-from .trainer import Trainer
+from .trainer import Trainer, check_model_fits
 
 
 PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)
@@ -30,14 +30,42 @@ NETWORKS_GBPS = (10, 25, 100)
 
 
 def positive_list(text, option, kind):
-    """`2,3,4` -> [2, 3, 4]; every value finite and > 0, else a usage error naming the option."""
+    """`2,3,4` -> [2, 3, 4]; every value finite, > 0 and a count at most MAX_COUNT, else a usage
+    error naming the option."""
     try:
         values = [kind(part) for part in text.split(",")]
     except ValueError:
         values = []
-    if not values or not all(math.isfinite(v) and v > 0 for v in values):
-        raise UsageError(f"{option} takes a comma-separated list of positive numbers, got {text!r}")
+    if not values or any(not 0 < v < math.inf or v > MAX_COUNT for v in values):
+        raise UsageError(f"{option} takes a comma-separated list of positive numbers up to {MAX_COUNT}, got {text!r}")
     return values
+
+
+def check_bench_options(args):
+    """The flags that are not training settings: counts within range, rates and latencies finite."""
+    if not 1 <= args.steps <= MAX_COUNT or not 0 <= args.warmup <= MAX_COUNT:
+        raise UsageError(f"--steps must be in 1..{MAX_COUNT} and --warmup in 0..{MAX_COUNT}, got {args.steps} "
+                         f"and {args.warmup}")
+    if args.host_gbs is not None and not 0 < args.host_gbs < math.inf:
+        raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
+    if args.network_alpha_us is not None and not 0 <= args.network_alpha_us < math.inf:
+        raise UsageError(f"--network-alpha-us must be a latency >= 0 in microseconds, got {args.network_alpha_us} "
+                         "(25 is a usual cluster's)")
+    positive_list(args.nodes, "--nodes", int)
+    positive_list(args.network_gbps, "--network-gbps", float)
+
+
+def check_bench_fits(config, shape):
+    """The global batch of random examples, and an mlp's parameters, must fit in memory (a typo
+    in --features, --input-shape or --hidden would otherwise end in a MemoryError)."""
+    need = config.batch_size * math.prod(shape) * (4 + np.dtype(config.dtype).itemsize)  # drawn as float32, then cast
+    free = available_memory()
+    if free is not None and need > free:
+        raise UsageError(f"a batch of {config.batch_size} examples of shape {shape} needs {need / 2**30:.1f} GiB, "
+                         f"more than the {free / 2**30:.1f} GiB free here; lower `batch_size`, `features` or "
+                         "--input-shape")
+    if config.model == "mlp":
+        check_model_fits([math.prod(shape), *config.hidden, config.classes], config.dtype, config.batch_size)
 
 
 # The training settings bench takes, with its own defaults: the model and batch of BENCHMARKS.md.
@@ -187,7 +215,9 @@ def bench_trainer(config, comm, shape, sync=True):
     x = rng.standard_normal((config.batch_size, *shape), dtype=np.float32).astype(config.dtype)
     y = rng.integers(0, config.classes, config.batch_size)
     data = Dataset("bench", x, y, x[:1], y[:1], config.classes)
-    trainer = Trainer(config, comm, data)
+    # As `dpflow train` builds it: a builder that fails on one rank, or builds another graph
+    # there, stops every rank with one message instead of leaving the others in a collective.
+    trainer = Trainer(config, comm, data, model=build_run_model(comm, config, data))
     trainer.sync = sync
     return trainer
 
@@ -228,18 +258,14 @@ def current_rss_mb():
 
 
 def run_bench(args, comm):
-    if args.steps < 1 or args.warmup < 0:
-        raise UsageError(f"--steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    check_bench_options(args)
     config = bench_config(args)
     if config.batch_size < comm.size:
         raise UsageError(f"--batch-size {config.batch_size} must be >= the number of ranks ({comm.size})")
     shape = example_shape(args, config)
-    if config.trace:  # before any work; the trace is written by an atomic rename onto the path
+    agree(comm, lambda: check_bench_fits(config, shape))  # free memory may differ between nodes
+    if config.trace:  # before the steps, so that a bad path costs no run and overwrites no device
         agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
-    if args.host_gbs is not None and not (math.isfinite(args.host_gbs) and args.host_gbs > 0):
-        raise UsageError(f"--host-gbs must be a bandwidth > 0 in GB/s, got {args.host_gbs}")
-    if args.network_alpha_us is not None and not (math.isfinite(args.network_alpha_us) and args.network_alpha_us >= 0):
-        raise UsageError(f"--network-alpha-us must be a latency >= 0 in microseconds, got {args.network_alpha_us}")
     if args.predict:
         return run_predict(args, config, shape, comm)
     rss_before_model = current_rss_mb()  # the interpreter, numpy and MPI: not dpflow's doing

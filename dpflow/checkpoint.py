@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -133,6 +134,9 @@ def save_checkpoint(directory, step, arrays, meta, keep=3, regular=True, best=Fa
 
 def read_checkpoint(path):
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # /dev/zero would be read until memory ran out
+            raise CheckpointError(f"{path} is not a regular file; give a checkpoint file (ckpt-*.dpf) or "
+                                  "the directory that holds them")
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as error:
@@ -211,6 +215,13 @@ def check_contents(path, arrays, meta):
             damaged(f"model sizes {sizes!r} are not a list of positive layer sizes")
     if model.get("dtype") not in ("float32", "float64"):
         damaged(f"model dtype {model.get('dtype')!r} is not float32 or float64")
+    if meta.get("normalizer") is not None:
+        from .normalize import Normalizer
+
+        try:
+            Normalizer.from_state(meta["normalizer"])
+        except ValueError as error:
+            damaged(f"its normalizer: {error}")
     if meta.get("last_epoch") is not None and not isinstance(meta["last_epoch"], dict):
         damaged(f"last_epoch is {meta['last_epoch']!r}, not a table")
     if not any(name.startswith("param/") for name in arrays):
@@ -224,8 +235,13 @@ def check_contents(path, arrays, meta):
             damaged(f"{name} holds NaN or infinite values")
 
 
-def load_latest_valid(directory, warn=print):
+RESUME_FIX = "Start again without `resume` (and a fresh `checkpoint_dir`)"
+READ_FIX = "Give another checkpoint file or directory"  # for eval and predict, which train nothing
+
+
+def load_latest_valid(directory, warn=print, fix=RESUME_FIX):
     """(path, arrays, meta) of the newest checkpoint that verifies; warn about each skipped one.
+    `fix` ends the message when none does.
 
     Every checkpoint from the highest step down: `latest` may point at an older one than
     the newest that was written (a run killed between writing a checkpoint and moving the
@@ -248,14 +264,14 @@ def load_latest_valid(directory, warn=print):
         return path, arrays, meta
     raise CheckpointError(
         f"no valid checkpoint in {directory}: " + "; ".join(problems)
-        + ". Start again without `resume` (and a fresh `checkpoint_dir`)"
+        + f". {fix}"
     )
 
 
-def load_checkpoint_source(source, warn=print):
+def load_checkpoint_source(source, warn=print, fix=RESUME_FIX):
     """(path, arrays, meta) of a checkpoint file, or of a directory's newest valid one."""
     if os.path.isdir(source):
-        return load_latest_valid(source, warn=warn)
+        return load_latest_valid(source, warn=warn, fix=fix)
     return (source, *read_checkpoint(source))
 
 
@@ -289,7 +305,7 @@ def check_checkpoint_dir(directory, resume):
     returned, to hold), remove the temporaries of writes that were killed, and prove a file
     can be written there. A new run never writes into another run's checkpoints: pruning
     would delete them."""
-    from .lock import DirectoryBusy, DirectoryLock
+    from .lock import LOCK_NAME, DirectoryBusy, DirectoryLock
 
     try:
         os.makedirs(directory, exist_ok=True)
@@ -297,6 +313,12 @@ def check_checkpoint_dir(directory, resume):
     except DirectoryBusy as busy:
         raise CheckpointError(f"`checkpoint_dir` {busy}") from None
     except OSError as error:
+        lock_file = os.path.join(directory, LOCK_NAME)
+        if os.path.isdir(directory) and os.path.lexists(lock_file):  # a directory, a FIFO, a file not ours
+            raise CheckpointError(
+                f"`checkpoint_dir` {directory}: its lock file {lock_file} cannot be used ({error.strerror}); "
+                "remove it if no run uses the directory"
+            ) from None
         raise CheckpointError(
             f"`checkpoint_dir` {directory} is not writable ({error.strerror}); "
             "choose a directory you can write to"
@@ -308,6 +330,11 @@ def check_checkpoint_dir(directory, resume):
                 "to continue that run, or choose an empty directory"
             )
         remove_temporaries(directory)
+        for name in (LATEST, BEST):  # each write renames a file over these: a directory there fails them all
+            path = os.path.join(directory, name)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise CheckpointError(f"`checkpoint_dir` {directory} holds {name}, which is not a file: every "
+                                      f"checkpoint write would fail; remove {path}")
         try:
             probe = os.path.join(directory, f".write-test-{os.getpid()}")
             with open(probe, "wb"):

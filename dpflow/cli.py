@@ -18,13 +18,14 @@ import numpy as np
 
 from . import __version__, _threads, bench, output
 from .agreement import agree
-from .checkpoint import atomic_write, load_checkpoint, load_checkpoint_source
+from .checkpoint import READ_FIX, atomic_write, load_checkpoint, load_checkpoint_source
 from .config import FIELDS, TrainConfig, add_setting_arguments, build_config, given_settings, load_toml, spell_flag
 from .errors import UsageError
 from .evaluation import evaluate
 from .failure import SafetyNet, end_command
 from .launcher import apply_mpich_settings, launcher_rank
-from .run import load_data, model_layout, train
+from .run import (build_run_model, check_output_path, check_separate_files, load_data, model_layout, run_files,
+                  train)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,11 +48,13 @@ def add_train_arguments(parser):
 
 
 def train_config(args):
-    file_values = load_toml(args.config) if args.config else {}
+    file_values = load_toml(args.config) if args.config is not None else {}  # "" is a path that is not there
     flag_values = given_settings(args)
     if "model_args" in flag_values:  # each KEY=VALUE overrides that key of the file's [model] table
         flag_values["model_args"] = {**file_values.get("model_args", {}), **flag_values["model_args"]}
-    return build_config(file_values, flag_values)
+    config = build_config(file_values, flag_values)
+    check_separate_files({"--config": args.config, **run_files(config)})
+    return config
 
 
 def save_array(path, array):
@@ -75,7 +78,7 @@ def run_eval(args, comm, safety):
         """Rank 0 reads the checkpoint once: its stored settings build the model."""
         if not os.path.exists(args.checkpoint):
             raise UsageError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        return load_checkpoint_source(args.checkpoint, warn=lambda m: print(m, file=sys.stderr))
+        return load_checkpoint_source(args.checkpoint, warn=lambda m: print(m, file=sys.stderr), fix=READ_FIX)
 
     loaded = agree(comm, lambda: read() if comm.is_root else None)
     stored = comm.broadcast_object(loaded[2]["config"] if comm.is_root else None)
@@ -89,7 +92,8 @@ def run_eval(args, comm, safety):
     # The test set is transformed exactly as the checkpoint's training batches were.
     normalizer = comm.broadcast_object(loaded[2].get("normalizer") if comm.is_root else None)
     data = load_data(comm, config, normalizer, layout=model_layout(config, None))
-    trainer = Trainer(config, comm, data)
+    # Built as `train` builds it: a builder file missing on one node stops every rank together.
+    trainer = Trainer(config, comm, data, model=build_run_model(comm, config, data))
     path = load_checkpoint(trainer, args.checkpoint, for_training=False, loaded=loaded)
     confusion = np.zeros((data.n_classes, data.n_classes)) if args.confusion else None
     loss, accuracy = evaluate(trainer.model, trainer.x_test, data.y_test, comm, trainer.dtype,
@@ -109,6 +113,9 @@ def run_predict(args, comm, safety):
     def run():
         if not comm.is_root:
             return None
+        if args.output:  # before the work, and never a device: the write renames over the path
+            check_output_path("--output", args.output)
+            check_separate_files({"--checkpoint": args.checkpoint, "--input": args.input, "--output": args.output})
         model = load_model(args.checkpoint)
         x = read_examples(args.input, model.input_shape)
         return model, predict(model, x, args.probabilities)
@@ -218,6 +225,7 @@ def main(argv=None):
             return 2
         from .comm import create_communicator
 
+        _threads.check_thread_variables()  # a thread count that is not one stops every rank before MPI starts
         apply_mpich_settings()  # read by MPI_Init: before the communicator
         comm = create_communicator()
         with SafetyNet(comm) as safety:

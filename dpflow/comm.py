@@ -18,7 +18,7 @@ import zlib
 import numpy as np
 
 from ._threads import size_blas_threads
-from .errors import MismatchedMPI
+from .errors import MismatchedMPI, UsageError
 from .launcher import launched_by_mpi, launcher_size, open_mpi_settings, shared_memory_warning
 from .nodesum import NodeSum, room_for
 
@@ -336,7 +336,7 @@ class MPICommunicator(Communicator):
 
 def create_communicator(kind="auto"):
     """`mpi`, `local`, or `auto` (MPI when a launcher started us; override with DPFLOW_COMM)."""
-    kind = os.environ.get("DPFLOW_COMM", kind)
+    kind = os.environ.get("DPFLOW_COMM") or kind  # set but empty: as if unset, as a shell means it
     if kind == "auto":
         kind = "mpi" if launched_by_mpi() else "local"
     if kind == "local":
@@ -362,7 +362,7 @@ def create_communicator(kind="auto"):
                 "of the same environment as dpflow (e.g. .venv/bin/mpiexec)"
             )
         return comm
-    raise ValueError(f"DPFLOW_COMM must be auto, mpi or local, got {kind!r}")
+    raise UsageError(f"DPFLOW_COMM must be auto, mpi or local, got {kind!r}; unset it to let dpflow choose")
 
 
 def mpi4py_version():

@@ -224,7 +224,8 @@ class TrainConfig:
         choices=("flat", "mpi", "naive"))
     bucket_mb: float = option(  # off: no gain measured on 2 cores (BENCHMARKS.md)
         0.0, "overlap communication with backward: allreduce buckets of this many MB as soon as backward "
-        "finishes them; 0 waits for the whole backward", at_least=0)
+        "finishes them; 0 waits for the whole backward", at_least=0, at_most=2**20,
+        hint="MB per bucket; PyTorch DDP's default is 25, and one larger than the gradients is one bucket")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -349,13 +350,24 @@ def read_text_file(path, what, limit=MAX_TEXT_FILE):
 
 def load_toml(path):
     """The keys of a TOML config file (flag names with - or _; an optional [train] table)."""
+    if not path:  # `--config $RUN_TOML` with the variable unset
+        raise UsageError("--config is empty; give the path of a TOML file, or leave --config out")
     text = read_text_file(path, f"--config {path}")
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"--config {path} is not valid TOML: {error}") from None
-    if set(table) == {"train"} and isinstance(table["train"], dict):
-        table = table["train"]
+    if isinstance(table.get("train"), dict):  # [train] holds the settings; a [model] table may sit beside it
+        outside = sorted(set(table) - {"train", "model"})
+        if outside:
+            raise UsageError(f"--config {path}: {', '.join(outside)} outside its [train] table; put every "
+                             "setting inside [train], or drop the [train] header")
+        model = table.get("model")
+        table = dict(table["train"])
+        if isinstance(model, dict) and isinstance(table.get("model"), str):
+            model = {"spec": table["model"], **model}  # [train]'s model = "SPEC", [model]'s arguments
+        if model is not None:
+            table["model"] = model
     values = {}
     if isinstance(table.get("model"), dict):  # [model]: the builder's arguments, and its spec
         arguments = dict(table.pop("model"))

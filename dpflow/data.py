@@ -75,6 +75,30 @@ def split_train_test(x, y, rng, test_fraction=0.2):
     return {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]}
 
 
+def available_memory():
+    """Bytes this machine can still give (MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_generated_fits(spec, samples, features, classes):
+    """MemoryError before drawing a spirals or synthetic dataset that cannot fit: numpy maps
+    far more than the machine holds, then spends minutes filling it before it fails."""
+    if spec == "spirals":
+        need = 12 * 8 * samples  # radius, labels, theta, x and the split copies, float64
+    else:
+        need = 8 * (4 * samples * features + classes * features + 2 * samples)  # noise, x, its sum, the split
+    free = available_memory()
+    if free is not None and need > free:
+        raise MemoryError(f"{spec} needs {need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free here")
+
+
 def make_spirals(samples=1500, classes=3, seed=0, noise=0.2):
     """Interleaved 2-D spiral arms, one per class (CS231n's toy problem); seeded."""
     rng = np.random.default_rng(seed)
@@ -324,8 +348,10 @@ def load_dataset(spec="digits", samples=4000, features=20, classes=0, seed=0, *,
         if spec == "digits":
             arrays = digits_arrays()
         elif spec == "spirals":
+            check_generated_fits(spec, samples, 2, classes or 4)
             arrays = make_spirals(samples, classes or 4, seed)
         else:
+            check_generated_fits(spec, samples, features, classes or 4)
             arrays = make_synthetic(samples, features, classes or 4, seed)
         name = spec
         x_train, y_train, x_test, y_test = in_memory(name, arrays, dtype)

@@ -67,17 +67,35 @@ def file_crc32(path):
 
 
 def open_entry(entry):
-    """(arrays as read-only memmaps, meta) of a complete entry, or None if there is none."""
+    """(arrays as read-only memmaps, meta) of a complete entry, or None if there is none, or
+    none this version can use: another version's, or one damaged since it was written (a
+    file truncated, edited or removed by hand)."""
     try:
         with open(os.path.join(entry, META)) as handle:
             meta = json.load(handle)
-    except (OSError, ValueError):
+        if meta.get("version") != VERSION:
+            return None
+        arrays = {name: np.load(os.path.join(entry, name + ".npy"), mmap_mode="r", allow_pickle=False)
+                  for name in ARRAYS}
+        if any(list(arrays[name].shape) != meta["shapes"][name] for name in ARRAYS):
+            return None
+        stats_from_meta(meta)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    if meta.get("version") != VERSION:
-        return None
-    arrays = {name: np.load(os.path.join(entry, name + ".npy"), mmap_mode="r", allow_pickle=False)
-              for name in ARRAYS}
     return arrays, meta
+
+
+def discard_entry(entry):
+    """Move an entry that cannot be used out of the way (readers that mapped it keep their
+    pages), so that it is built again."""
+    if not os.path.lexists(entry) or open_entry(entry) is not None:  # gone, or rebuilt by another node
+        return
+    aside = f"{entry}.unusable-{socket.gethostname()}-{os.getpid()}"
+    os.rename(entry, aside)
+    if os.path.isdir(aside):
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.remove(aside)
 
 
 def stats_from_meta(meta):
@@ -181,6 +199,7 @@ def cached(name, paths, dtype, plan, is_writer=True, wait=None, root=None, besid
     if is_writer and open_entry(entry) is None:
         try:
             os.makedirs(root, exist_ok=True)
+            discard_entry(entry)
             build_entry(entry, name, dtype, sources, plan())
         except OSError as failure:
             error = DataError(

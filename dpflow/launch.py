@@ -627,14 +627,17 @@ class Supervisor:
             + (f", {sum(redone)} steps redone" if restarts else "")
             + f"; exit status {status}")
         if self.options.summary_json:
-            with open(self.options.summary_json, "w") as handle:
-                json.dump({"status": status, "why": why, "restarts": restarts, "hosts_lost": lost,
-                           "steps_redone": sum(redone),
-                           "attempts": [{**{k: v for k, v in vars(a).items() if k != "hosts"},
-                                         "hosts": [h.name for h in a.hosts],
-                                         "steps_redone": r}
-                                        for a, r in zip(self.attempts, redone + [None])]},
-                          handle, indent=1)
+            summary = {"status": status, "why": why, "restarts": restarts, "hosts_lost": lost,
+                       "steps_redone": sum(redone),
+                       "attempts": [{**{k: v for k, v in vars(a).items() if k != "hosts"},
+                                     "hosts": [h.name for h in a.hosts],
+                                     "steps_redone": r}
+                                    for a, r in zip(self.attempts, redone + [None])]}
+            try:
+                with open(self.options.summary_json, "w") as handle:
+                    json.dump(summary, handle, indent=1)
+            except OSError as error:  # the job's own status stands; the summary is lost, and said so
+                log(f"warning: --summary-json {self.options.summary_json} could not be written ({error.strerror})")
         return status
 
     def close(self):
@@ -686,6 +689,21 @@ def check_options(options):
         raise UsageError(f"--max-restarts must be >= 0, got {options.max_restarts}")
     if not 0 < options.probe_timeout < 86400:
         raise UsageError(f"--probe-timeout must be a positive number of seconds, got {options.probe_timeout}")
+    words = [("--launcher-arg", arg) for arg in options.launcher_arg]
+    for what, text in [*words, (RANK_COMMAND_VARIABLE, os.environ.get(RANK_COMMAND_VARIABLE, ""))]:
+        try:
+            shlex.split(text)
+        except ValueError as error:
+            raise UsageError(f"{what} {text!r} cannot be split as a shell would ({error}); close its "
+                             "quotes, e.g. --launcher-arg='-launcher ssh'") from None
+    if options.summary_json:  # checked now: the summary is written when the job is over
+        from .run import check_output_path
+
+        check_output_path("--summary-json", options.summary_json)
+    for flag, value in (("--hosts", options.hosts), ("--hostfile", options.hostfile)):
+        if value == "":  # `--hostfile $HOSTFILE` with the variable unset: not "this machine alone"
+            raise UsageError(f"{flag} is empty; name the hosts, or leave {flag} out to use the Slurm allocation "
+                             "or this machine alone")
     if launched_by_mpi():
         raise UsageError("dpflow launch starts the MPI launcher itself: run it directly, not under mpiexec")
     return train[1:]

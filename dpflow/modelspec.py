@@ -40,6 +40,14 @@ def debug_hint(error):
     return " (DPFLOW_DEBUG=1 shows the traceback)"
 
 
+def failure_of(error):
+    """How the user's code failed, for a message. A sys.exit() there is a failure too: passed
+    through, it would end only the ranks that called it while the others wait forever."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r}) (the model's code must return or raise, never exit)"
+    return f"raised {type(error).__name__}: {error}"
+
+
 def import_file(spec, path):
     if not os.path.isfile(path):
         raise spec_error(spec, f"no such file {path!r}; give path/to/file.py:function")
@@ -56,10 +64,9 @@ def import_file(spec, path):
         module_spec.loader.exec_module(module)
     except BaseException as error:  # noqa: BLE001 - any failure of the user's file is bad input
         del sys.modules[name]
-        if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        if isinstance(error, KeyboardInterrupt):
             raise
-        raise spec_error(spec, f"importing {path} failed: {type(error).__name__}: {error}"
-                         + debug_hint(error)) from None
+        raise spec_error(spec, f"{path}, when imported, {failure_of(error)}" + debug_hint(error)) from None
     return module
 
 
@@ -162,10 +169,10 @@ def build_model(spec, model_args, input_shape, n_classes, seed, dtype, builder=N
                         np.random.default_rng(seed), dtype, **model_args)
     except GraphError as error:
         raise spec_error(spec, f"builds an invalid model: {error}" + debug_hint(error)) from None
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         raise
     except BaseException as error:  # noqa: BLE001 - the user's builder failed: bad input
-        raise spec_error(spec, f"the builder raised {type(error).__name__}: {error}" + debug_hint(error)) from None
+        raise spec_error(spec, f"the builder {failure_of(error)}" + debug_hint(error)) from None
     if not isinstance(model, Model):
         raise spec_error(spec, f"the builder returned a {type(model).__name__}, not a dpflow Model; "
                                "end it with `return Model(inputs, labels, logits, loss, params)`")

@@ -119,10 +119,20 @@ class Normalizer:
 
     @classmethod
     def from_state(cls, state):
-        if state["kind"] == "none":
-            return cls("none")
-        return cls(state["kind"], np.array(state["shift"], np.float64), np.array(state["scale"], np.float64),
-                   bool(state.get("per_channel")))
+        """The Normalizer whose `state()` this is; ValueError for one no Normalizer has (a
+        checkpoint edited by hand or by another tool)."""
+        try:
+            if state["kind"] == "none":
+                return cls("none")
+            if state["kind"] not in ("scale", "standardize"):
+                raise ValueError
+            shift, scale = np.array(state["shift"], np.float64), np.array(state["scale"], np.float64)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{state!r:.100} is not a normaliser's state") from None
+        if shift.ndim != 1 or shift.shape != scale.shape or not np.isfinite(shift).all() or not (
+                np.isfinite(scale) & (scale > 0)).all():
+            raise ValueError(f"its shift and scale {state!r:.100} are not finite 1-D arrays of one size, scale > 0")
+        return cls(state["kind"], shift, scale, bool(state.get("per_channel")))
 
     def __eq__(self, other):
         return isinstance(other, Normalizer) and self.state() == other.state()

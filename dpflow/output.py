@@ -105,7 +105,9 @@ def model_lines(trainer):
     model, config = trainer.model, trainer.config
     count = f"{model.parameter_count():,} parameters, {config.dtype}"
     if config.model == "mlp" and hasattr(model, "sizes"):
-        return [f"model: MLP {'-'.join(map(str, model.sizes))} {config.activation}, {count}"]
+        # The model's own: a [model] table or --model-arg activation=... overrides `activation`.
+        activation = getattr(model, "activation", config.activation)
+        return [f"model: MLP {'-'.join(map(str, model.sizes))} {activation}, {count}"]
     args = ", ".join(f"{key}={value}" for key, value in config.model_args.items())
     lines = [f"model: {config.model or 'given in Python'}{f' ({args})' if args else ''}, {count}"]
     rows = model.summary(trainer.data.input_shape, trainer.dtype)
@@ -292,6 +294,9 @@ def read_metrics(path):
 def plot(metrics, output):
     """Loss and accuracy curves from a --metrics file, as a PNG."""
     # The file first: what is wrong with it is said whether or not matplotlib is installed.
+    if os.path.realpath(output) == os.path.realpath(metrics):
+        raise UsageError(f"-o {output} is the metrics file itself: writing the plot would replace it; "
+                         "choose another path, e.g. curves.png")
     records = read_metrics(metrics)
     epochs = [r for r in records if r.get("test_loss") is not None]
     if not epochs:
@@ -306,6 +311,10 @@ def plot(metrics, output):
                          "(not `pip install dpflow`: that name belongs to an unrelated project)") from None
     steps = [r for r in records if r.get("test_loss") is None and r.get("train_loss") is not None]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    kind = os.path.splitext(output)[1][1:].lower()  # none: matplotlib writes a PNG
+    if kind and kind not in figure.canvas.get_supported_filetypes():
+        raise UsageError(f"-o {output}: matplotlib cannot write .{kind} files; give a name ending in .png "
+                         f"(or .{', .'.join(sorted(figure.canvas.get_supported_filetypes()))})")
     if steps:
         loss_axis.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], alpha=0.35,
                        label="train (per step)")

@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from .checkpoint import describe_model, load_checkpoint_source
+from .checkpoint import READ_FIX, describe_model, load_checkpoint_source
 from .errors import CheckpointError, UsageError
 from .modelspec import build_model, spec_file
 
@@ -65,7 +65,7 @@ def load_model(checkpoint, model=None):
 
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"{checkpoint}: no such checkpoint file or directory")
-    path, arrays, meta = load_checkpoint_source(checkpoint)
+    path, arrays, meta = load_checkpoint_source(checkpoint, fix=READ_FIX)
     model_meta = meta.get("model", {})
     if model is None:
         model = model_from_meta(model_meta, path)
@@ -85,6 +85,7 @@ def read_examples(path, input_shape):
     """Examples from a .npy, a .npz (x_test, x, or its only array) or an IDX file, shaped
     (rows, *input_shape): rows of pixels and images convert into each other."""
     from .idx import read_idx
+    from .run import UNREADABLE
 
     if not os.path.isfile(path):
         raise UsageError(f"--input {path}: no such file")
@@ -101,8 +102,9 @@ def read_examples(path, input_shape):
             x = read_idx(path)
     except UsageError:
         raise
-    except (OSError, ValueError, EOFError) as error:
-        raise UsageError(f"--input {path} cannot be read ({error}); give a .npy, .npz or IDX file") from None
+    except UNREADABLE as error:
+        raise UsageError(f"--input {path} cannot be read ({type(error).__name__}: {error}); give a .npy, .npz "
+                         "or IDX file") from None
     if x.dtype.kind not in "fiu":
         raise UsageError(f"--input {path} holds {x.dtype} values; give numbers")
     per_example = int(np.prod(input_shape))

@@ -23,20 +23,46 @@ from .modelspec import build_model, builder_arguments
 
 
 def check_output_path(name, path):
-    """`metrics`, `save` and `trace` name files that can be written, checked before any training."""
+    """`metrics`, `save` and `trace` (or a command's own flag, e.g. `--output`) name files that
+    can be written, checked before any training."""
+    shown = name if name.startswith("-") else f"`{name}`"
     if os.path.isdir(path):
-        example = {"save": "run.npz", "trace": "trace.json"}.get(name, "metrics.jsonl")
-        raise UsageError(f"`{name}` {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
+        example = {"save": "run.npz", "trace": "trace.json", "metrics": "metrics.jsonl"}.get(name, "out.npy")
+        raise UsageError(f"{shown} {path} is a directory; give a file path, e.g. {os.path.join(path, example)}")
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UsageError(f"`{name}` {path}: the directory {parent} does not exist or is not "
+        raise UsageError(f"{shown} {path}: the directory {parent} does not exist or is not "
                          "writable; create it or choose another path")
     if os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode):
-        raise UsageError(f"`{name}` {path} exists and is not a regular file; give a file path")
+        raise UsageError(f"{shown} {path} exists and is not a regular file; give a file path")
+    if os.path.exists(path) and not os.access(path, os.W_OK):  # the rename would replace it all the same
+        raise UsageError(f"{shown} {path} exists and is read-only: it is kept; choose another path, or "
+                         "make it writable to replace it")
     limit = os.pathconf(parent, "PC_NAME_MAX")
     if len(os.fsencode(os.path.basename(path))) > limit:
-        raise UsageError(f"`{name}`: the file name {os.path.basename(path)[:40]}... is longer than "
+        raise UsageError(f"{shown}: the file name {os.path.basename(path)[:40]}... is longer than "
                          f"the {limit} bytes this filesystem allows")
+
+
+def check_separate_files(paths):
+    """{how it was named: path}: no two name one file, or the later write replaces the other,
+    an input read before (the dataset, the config file) or another output. Empty paths are unset."""
+    seen = {}
+    for what, path in paths.items():
+        if not path:
+            continue
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"{what} {path} is the file {seen[key]} names too: writing it would replace that "
+                             "file; give each its own path")
+        seen[key] = what
+
+
+def run_files(config):
+    """{setting: path} of the files a run reads or writes by name."""
+    dataset = config.dataset if os.path.isfile(config.dataset) else ""  # a built-in or a directory: no one file
+    return {f"`{name}`": path for name, path in (("dataset", dataset), ("metrics", config.metrics),
+                                                 ("save", config.save), ("trace", config.trace))}
 
 
 CHECKPOINT_BEHIND = 3  # trained to the end, but the last checkpoint writes failed
@@ -78,7 +104,7 @@ def read_dataset(config, comm, layout="rows"):
         raise
     except MemoryError:
         raise DataError(f"`dataset` {config.dataset} does not fit in this machine's memory; use a "
-                        "smaller one (or smaller `samples`/`features`)") from None
+                        "smaller one (or smaller `samples`/`features`/`classes`)") from None
     except UNREADABLE as error:
         raise DataError(f"`dataset` {config.dataset} cannot be used: {type(error).__name__}: {error}") from None
 
@@ -94,6 +120,8 @@ def start_trace(comm, path):
     tracer = Tracer(comm.rank)
     tracer.align_clocks(comm)
     def last_words(aborting):
+        if not tracer.path_checked:  # a directory, a missing one, or a device to be renamed over
+            return
         tracer.write_partial(path)
         if aborting:  # whichever rank ends the job merges what every rank left
             tracer.merge_partials(path, comm.size)
@@ -151,8 +179,6 @@ def train(config, comm, safety, data=None, model=None):
     from .signals import StopRequest
     from .trainer import Trainer, best_epoch, check_batch_size, check_model_fits
 
-    if config.trace:  # before the tracer exists, whose error paths write to it
-        agree(comm, lambda: check_output_path("trace", config.trace) if comm.is_root else None)
     # From the start a signal is a stop request for the first step boundary, never a crash.
     stop = StopRequest().install()
     # From here on every wait is bounded: start-up reads files and talks to every rank too.
@@ -171,12 +197,18 @@ def train(config, comm, safety, data=None, model=None):
         if config.checkpoint_dir:  # rank 0 holds the directory's lock until it exits
             lock = agree(comm, lambda: check_checkpoint_dir(config.checkpoint_dir, config.resume)
                          if comm.is_root else None)
-        for name in ("metrics", "save"):
+        # After the checkpoint directory is made: outputs may go into it.
+        agree(comm, lambda: check_separate_files(run_files(config)) if comm.is_root else None)
+        for name in ("metrics", "save", "trace"):
             if getattr(config, name):
                 agree(comm, lambda: check_output_path(name, getattr(config, name)) if comm.is_root else None)
+        if tracer:
+            tracer.path_checked = True
         if config.model == "mlp" and model is None:
             # Free memory may differ between nodes: every rank's verdict is shared.
-            agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype))
+            micro_batch = -(-min(config.batch_size, data.n_train) // config.accumulate)
+            rows = -(-micro_batch // comm.size)  # this rank's share, rounded up
+            agree(comm, lambda: check_model_fits([data.n_features, *config.hidden, data.n_classes], config.dtype, rows))
         watchdog.beat("building the model")
         with phase("build the model, broadcast rank 0's parameters"):
             model = build_run_model(comm, config, data, model)
@@ -211,7 +243,7 @@ def train(config, comm, safety, data=None, model=None):
         if tracer:
             finish_trace(comm, tracer, config.trace)
     except DpflowError as error:
-        if tracer and error.agreed:  # every rank is here, at the same point: collect them all
+        if tracer and tracer.path_checked and error.agreed:  # every rank is here: collect them all
             finish_trace(comm, tracer, config.trace)
         raise
     finally:

@@ -27,6 +27,8 @@ class Tracer:
         self.spans = []
         self.zero = time.perf_counter()  # replaced by the aligned zero in align_clocks()
         self.run = None  # rank 0's token for this job, from align_clocks(): whose files to merge
+        # Until its caller has checked the path, a failure must write nothing there.
+        self.path_checked = False
 
     def add(self, name, start, stop, category="step", **args):
         """A span from two `time.perf_counter()` readings. Thread-safe (list.append)."""

@@ -24,7 +24,7 @@ from . import checkpoint
 from .agreement import ranks_that_differ
 from .comm import fingerprint
 from .config import early_stop_metric
-from .data import gather
+from .data import available_memory, gather
 from .errors import Interrupted, TrainingError, UsageError
 from .evaluation import evaluate
 from .flat import all_finite, squared_norm
@@ -70,29 +70,19 @@ def check_batch_size(batch_size, size):
         )
 
 
-def available_memory():
-    """Bytes this machine can still give (MemAvailable), or None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def check_model_fits(sizes, dtype):
-    """Refuse a model whose parameters, gradients and optimizer state cannot fit in memory
-    (a typo in `hidden`, or labels that are ids rather than class indices)."""
+def check_model_fits(sizes, dtype, rows=0):
+    """Refuse a model whose parameters, gradients and optimizer state, and the activations of
+    a batch of `rows` (each rank's), cannot fit in memory (a typo in `hidden`, or labels that
+    are ids rather than class indices)."""
     parameters = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(sizes, sizes[1:]))
     need = parameters * np.dtype(dtype).itemsize * 5  # values, gradients, 2 optimizer slots, a copy
+    need += rows * sum(sizes[1:]) * np.dtype(dtype).itemsize * 4  # values, gradients, softmax, its copy
     free = available_memory()
     if free is not None and need > free:
         raise UsageError(
             f"the model {'-'.join(map(str, sizes))} has {parameters:,} parameters: {need / 2**30:.1f} GiB "
-            f"with its gradients and optimizer state, more than the {free / 2**30:.1f} GiB free here; "
-            "lower `hidden` (or check that the labels are class indices 0..C-1)")
+            f"with its gradients, optimizer state and a batch of {rows} rows, more than the {free / 2**30:.1f} "
+            "GiB free here; lower `hidden` (or check that the labels are class indices 0..C-1)")
 
 
 class Trainer:

@@ -20,16 +20,20 @@ from .pooling import MaxPool2D
 from .reshape import Flatten, Reshape
 
 
-def as_ints(value, what):
-    """An int, a sequence of ints, or a string "32,64" (from --model-arg) as a tuple of ints."""
+def as_ints(value, what, least=1):
+    """An int, a sequence of ints, or a string "32,64" (from --model-arg) as a tuple of ints,
+    each at least `least` (a size of 0 would divide by zero when the weights are drawn)."""
     if isinstance(value, str):
         value = [part for part in value.replace("x", ",").split(",") if part.strip()]
     if np.isscalar(value):
         value = [value]
     try:
-        return tuple(int(item) for item in value)
-    except (TypeError, ValueError):
+        ints = tuple(int(item) for item in value)
+    except (TypeError, ValueError, OverflowError):
         raise GraphError(f"{what} must be integers such as 32,64; got {value!r}") from None
+    if any(item < least for item in ints):
+        raise GraphError(f"{what} must be integers >= {least}; got {value!r}")
+    return ints
 
 
 def mlp(input_shape, n_classes, rng, dtype, hidden=(256, 128), activation="relu"):
@@ -60,10 +64,13 @@ def cnn(input_shape, n_classes, rng, dtype, channels=(32, 64), kernel=3, dense=1
     ended 20 epochs about a point above "valid" padding (28 -> 26, 13, 11, 5), and the 8x8
     digits keep a feature map.
     """
-    channels, kernel, pool = as_ints(channels, "channels"), int(kernel), int(pool)
-    dense, dropout, batch_norm = int(dense), float(dropout), str(batch_norm).lower() in ("1", "true", "yes")
+    channels, (kernel,), (pool,), (dense,) = (as_ints(channels, "channels"), as_ints(kernel, "kernel"),
+                                              as_ints(pool, "pool"), as_ints(dense, "dense"))
+    dropout, batch_norm = float(dropout), str(batch_norm).lower() in ("1", "true", "yes")
+    if not 0.0 <= dropout < 1.0:  # NaN too: it would silently turn dropout off
+        raise GraphError(f"dropout must be a rate in [0, 1), got {dropout}; 0 turns it off")
     c, h, w = image_shape(input_shape)
-    padding = kernel // 2 if padding is None else int(padding)
+    padding = kernel // 2 if padding is None else as_ints(padding, "padding", least=0)[0]
     data = Input(name="inputs")
     labels = Input(name="labels")
     layer = data if len(input_shape) == 3 else Reshape(data, (c, h, w), name="image")

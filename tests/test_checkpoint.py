@@ -125,6 +125,10 @@ IMPOSSIBLE = {
     "model sizes of text": changed(2, **{"model.sizes": "2,2"}),
     "model without dtype": changed(2, **{"model.dtype": REMOVE}),
     "metadata not a table": [1, 2, 3],
+    "normaliser of an unknown kind": changed(2, normalizer={"kind": "whiten"}),
+    "normaliser without its shift": changed(2, normalizer={"kind": "standardize", "scale": [1.0]}),
+    "normaliser dividing by zero": changed(2, normalizer={"kind": "scale", "shift": [0.0], "scale": [0.0]}),
+    "normaliser of text": changed(2, normalizer="standardize"),
 }
 
 
@@ -178,3 +182,15 @@ def test_a_checkpoint_file_gets_the_mode_open_would_give_under_the_umask_of_writ
     finally:
         os.umask(previous)
     assert os.stat(path).st_mode & 0o777 == 0o640
+
+
+@pytest.mark.timeout(30)  # the read it must not make would never return
+def test_a_fifo_named_like_a_checkpoint_is_skipped_not_read(tmp_path):
+    """Opening a FIFO for reading waits for a writer forever: a ckpt-*.dpf that is not a
+    regular file is passed over like a damaged one."""
+    save(tmp_path, 1)
+    os.mkfifo(tmp_path / "ckpt-000000002.dpf")
+    warnings = []
+    path, arrays, meta = load_latest_valid(str(tmp_path), warn=warnings.append)
+    assert path.endswith("ckpt-000000001.dpf") and meta["global_step"] == 1
+    assert len(warnings) == 1 and "is not a regular file" in warnings[0]

@@ -62,6 +62,35 @@ def test_the_cache_is_reused_until_a_source_changes(tmp_path, monkeypatch):
     assert load_dataset(str(tmp_path / "d")).cache != first.cache
 
 
+def truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", {
+    "an array truncated": lambda entry: truncate(entry / "x_train.npy"),
+    "an array removed": lambda entry: (entry / "y_test.npy").unlink(),
+    "meta.json not JSON": lambda entry: (entry / "meta.json").write_text("{garbage"),
+    "meta.json empty": lambda entry: (entry / "meta.json").write_text(""),
+    "meta.json of another version": lambda entry: (entry / "meta.json").write_text('{"version": 0}'),
+    "an array of another shape": lambda entry: np.save(entry / "x_test.npy", np.zeros((1, 30), np.float32)),
+}.items(), ids=lambda item: item[0] if isinstance(item, tuple) else item)
+def test_a_damaged_cache_entry_is_built_again(tmp_path, damage):
+    """A cache entry that cannot be used (edited, truncated, another version's) is dpflow's own
+    derived data: it is set aside and built again from the sources, not reported as a dataset
+    that 'cannot be used' or a cache that 'cannot be written'."""
+    write_idx_dir(tmp_path / "d")
+    first = load_dataset(str(tmp_path / "d"))
+    expected = [np.array(array) for array in (first.x_train, first.y_train, first.x_test, first.y_test)]
+    del first
+    entry = next((tmp_path / "d" / ".dpflow-cache").iterdir())
+    damage[1](entry)
+    again = load_dataset(str(tmp_path / "d"))
+    assert again.cache == str(entry)
+    arrays = (again.x_train, again.y_train, again.x_test, again.y_test)
+    assert all(np.array_equal(array, wanted) for array, wanted in zip(arrays, expected))
+    assert sorted(os.listdir(tmp_path / "d" / ".dpflow-cache")) == [entry.name]  # nothing left aside
+
+
 def test_one_writer_per_node_while_the_others_wait(tmp_path):
     """Two 'ranks' of one node as threads: the reader must not look before the writer is done."""
     write_idx_dir(tmp_path / "d", n_train=2000)

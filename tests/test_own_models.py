@@ -178,7 +178,7 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("spec_of,fragments", [
-    (lambda d: f"{d}/syntax.py:build", ["syntax.py:build", "importing", "SyntaxError"]),
+    (lambda d: f"{d}/syntax.py:build", ["syntax.py:build", "when imported", "SyntaxError"]),
     (lambda d: f"{d}/missing.py:build", ["missing.py:build", "no such file"]),
     (lambda d: "no_such_package.models:build", ["no_such_package.models:build", "no module named 'no_such_package'"]),
     (lambda d: f"{d}/raises.py:nothing", ["raises.py:nothing", "has no 'nothing'", "its functions: build"]),

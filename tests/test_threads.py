@@ -7,9 +7,11 @@ import os
 import sys
 import textwrap
 
+import pytest
 from helpers import run
 
 from dpflow import _threads
+from dpflow.errors import UsageError
 
 UNSET = {name: None for name in _threads.THREAD_VARIABLES}
 
@@ -74,6 +76,15 @@ def test_threads_per_rank_divides_the_cores():
     assert _threads.threads_per_rank(cores * 2, {}) == 1
     assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": "5"}) == 5
     assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": "0"}) == max(1, cores // 4)
+    assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": ""}) == max(1, cores // 4)
+    assert _threads.threads_per_rank(4, {"OMP_NUM_THREADS": "3,2"}) == 3  # nested OpenMP levels
+    for value in ("abc", "-1", "1.5", "²"):
+        with pytest.raises(UsageError, match="is not a thread count"):
+            _threads.threads_per_rank(4, {"OPENBLAS_NUM_THREADS": value})
+    # Each variable is checked, not only the first one set: a typo behind a valid count is
+    # still a typo.
+    with pytest.raises(UsageError, match="OPENBLAS_NUM_THREADS='abc' is not a thread count"):
+        _threads.check_thread_variables({"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "abc"})
 
 
 def test_sizing_the_pools_changes_no_environment_variable(tmp_path):
