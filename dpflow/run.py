@@ -133,8 +133,14 @@ def start_trace(comm, path):
 
 def finish_trace(comm, tracer, path):
     """Rank 0 writes the whole trace; the abort's last words are done with, so a later run in
-    this process (a script's next `fit`) that fails cannot overwrite it. Collective."""
-    tracer.gather_and_write(comm, path)
+    this process (a script's next `fit`) that fails cannot overwrite it. A trace that cannot
+    be written is a warning. Collective."""
+    try:
+        tracer.gather_and_write(comm, path)
+    except OSError as error:  # rank 0's write; the gather is done: no rank is left waiting
+        # The trace is a diagnosis: a full disk must not cost the run its final save.
+        sys.stderr.write(f"dpflow: warning: the trace could not be written to `trace` {path} "
+                         f"({error.strerror}); the run goes on without it\n")
     failure.LAST_WORDS.remove(tracer.last_words)
 
 

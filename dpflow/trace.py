@@ -138,7 +138,12 @@ def write_trace(path, events, complete=True, shift=True, run=None):
             if "ts" in event:
                 event["ts"] = round(event["ts"] - earliest, 3)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as handle:
-        json.dump({"traceEvents": events, "displayTimeUnit": "ms",
-                   "otherData": {"complete": complete, "writer": "dpflow", "run": run}}, handle)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump({"traceEvents": events, "displayTimeUnit": "ms",
+                       "otherData": {"complete": complete, "writer": "dpflow", "run": run}}, handle)
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):  # a full disk leaves no half file behind
+            os.remove(tmp)
+        raise

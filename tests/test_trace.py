@@ -223,3 +223,22 @@ def test_a_later_run_that_fails_leaves_an_earlier_runs_trace_alone(tmp_path):
     trace, by_rank = spans_by_rank(path)
     assert trace["otherData"]["complete"] is True and sorted(by_rank) == [0, 1]
     assert sorted(os.listdir(tmp_path)) == ["first.json", "fit_twice.py"]
+
+
+def test_a_trace_that_cannot_be_written_at_the_end_costs_the_run_nothing(tmp_path, monkeypatch, capsys):
+    # A full disk when the trace is written: a warning, and the final save still happens.
+    import errno
+
+    import dpflow.trace
+    from dpflow.cli import main
+
+    def full_disk(path, events, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(dpflow.trace, "write_trace", full_disk)
+    status = main(["train", "--epochs", "1", "--quiet", "--trace", str(tmp_path / "run.json"),
+                   "--save", str(tmp_path / "p.npz")])
+    stderr = capsys.readouterr().err
+    assert status == 0, stderr
+    assert "warning: the trace could not be written to `trace`" in stderr and "No space left" in stderr, stderr
+    assert (tmp_path / "p.npz").exists() and not (tmp_path / "run.json").exists()
