@@ -56,8 +56,8 @@ def fit(model, dataset="digits", **settings):
         crash(comm, error)
         raise
     except BaseException as error:  # noqa: BLE001 - one rank's failure must end every rank
-        if isinstance(error, (KeyboardInterrupt, SystemExit)) or comm.size == 1:
-            raise
+        if isinstance(error, KeyboardInterrupt) or comm.size == 1:
+            raise  # (a sys.exit() in the model's code, on one rank, ends every rank below)
         crash(comm, error)
         raise
 

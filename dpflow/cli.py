@@ -230,7 +230,11 @@ def main(argv=None):
         comm = create_communicator()
         with SafetyNet(comm) as safety:
             return COMMANDS[args.command][0](args, comm, safety)
-    except SystemExit:
-        raise
+    except SystemExit as error:
+        if comm is None or comm.size == 1:
+            raise
+        # Once the ranks run together, only the user's code (a layer, a builder, a callback)
+        # exits: passed through, it would end this rank alone while the others wait.
+        return end_command(comm, error, spell_flag)
     except BaseException as error:  # noqa: BLE001 - every other failure must end the whole job
         return end_command(comm, error, spell_flag)

@@ -71,7 +71,10 @@ def crash(comm, error):
     host = comm.hostname() if comm else os.uname().nodename
     if os.environ.get("DPFLOW_DEBUG"):
         traceback.print_exception(error)
-    line = f"dpflow: rank {rank} on {host} failed: {type(error).__name__}: {error}"
+    what = (f"sys.exit({error.code!r}) was called during the run (code run by dpflow must return or "
+            "raise, never exit: the other ranks would wait for this one)" if isinstance(error, SystemExit)
+            else f"{type(error).__name__}: {error}")
+    line = f"dpflow: rank {rank} on {host} failed: {what}"
     say_last_words()  # before the report: rank 0 may abort the job as soon as it has it
     if comm is None or comm.size == 1:
         sys.stderr.write(line + "\n")

@@ -348,6 +348,46 @@ def test_a_builder_that_fails_on_one_rank_ends_the_job_with_one_message(tmp_path
     assert done.stderr.count("error:") == 1 and "on rank 1:" in done.stderr and message in done.stderr, done
 
 
+EXITS_MID_RUN = """import sys
+
+from dpflow.launcher import launcher_rank
+from dpflow.zoo import mlp
+
+
+def build(*args, **kwargs):
+    model = mlp(*args, **kwargs)
+    if launcher_rank() == 1:  # rank 1's output layer calls sys.exit() in its 5th forward
+        layer, forward, calls = model.logits, model.logits.forward, []
+
+        def exiting_forward():
+            calls.append(1)
+            if len(calls) == 5:
+                sys.exit(7)
+            return forward()
+
+        layer.forward = exiting_forward
+    return model
+"""
+
+
+@pytest.mark.parametrize("how", ["dpflow train", "fit()"])
+def test_a_layer_that_calls_sys_exit_on_one_rank_mid_run_ends_the_job(tmp_path, how):
+    # Passed through, the SystemExit ended rank 1 alone; rank 0 waited in the allreduce until
+    # the stall timeout (300 s by default; 120 here, far above the test's bound).
+    spec = model_file(tmp_path, EXITS_MID_RUN)
+    if how == "fit()":
+        script = write(tmp_path / "script.py", "import dpflow\n\nif __name__ == '__main__':\n"
+                       f"    dpflow.fit({spec!r}, dataset='synthetic', samples=200, features=4, classes=3, "
+                       "epochs=3, hidden=[8], stall_timeout=120)\n")
+        command = [sys.executable, script]
+    else:
+        command = [sys.executable, "-m", "dpflow", "train", *SMALL, "--epochs", "3", "--model", spec,
+                   "--stall-timeout", "120"]
+    done = run(command, ranks=2, timeout=TIMEOUT, cwd=tmp_path)
+    assert done.returncode not in (0, 2) and done.seconds < 30, done
+    assert "rank 1 on" in done.stderr and "sys.exit(7) was called during the run" in done.stderr, done
+
+
 @pytest.mark.parametrize("command, option", [(["train", *SMALL], "--save"), (["train", *SMALL], "--metrics"),
                                              (["bench", *BENCH], "--trace")])
 def test_a_read_only_output_file_is_kept(tmp_path, command, option):
