@@ -232,7 +232,11 @@ def train(config, comm, safety, data=None, model=None):
         hosts = output.describe_hosts(comm)
         reporter = output.Reporter(config, comm, append=bool(resumed_from))
         reporter.print(*output.banner_lines(trainer, comm, hosts))
-        if resumed_from:
+        if resumed_from and trainer.epoch >= config.epochs:  # finished: a user who resumes wants more
+            reporter.print(f"resumed from {resumed_from}: it has finished all {config.epochs} epochs "
+                           f"(step {trainer.global_step}), so there is nothing left to train; raise "
+                           f"{flag('epochs')} to train further")
+        elif resumed_from:
             reporter.print(f"resumed from {resumed_from} at epoch {trainer.epoch + 1}, step {trainer.global_step}")
         for warning in data.warnings:
             trainer.log(warning)

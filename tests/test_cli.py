@@ -64,6 +64,10 @@ def test_resume_continues_the_exact_trajectory(dpflow, tmp_path):
                    "--resume", "--save", tmp_path / "other.npz", ranks=3)
     assert other.returncode == 0, other
     assert max_difference(load(tmp_path / "straight.npz"), load(tmp_path / "other.npz")) < 1e-10
+    # Resumed once more with the same --epochs: finished, nothing to train, and it says how to go on.
+    again = dpflow("train", "--epochs", "4", "--dtype", "float64", "--checkpoint-dir", tmp_path / "ck", "--resume")
+    assert again.returncode == 0, again
+    assert "it has finished all 4 epochs" in again.stdout and "raise --epochs to train further" in again.stdout, again
 
 
 def test_config_file_with_flag_override(dpflow, tmp_path):
