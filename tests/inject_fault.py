@@ -11,8 +11,12 @@ its signals; it creates $DPFLOW_HOLD_DIR/signalled once it has a stop request). 
 the global step reaches STEP; every other rank runs dpflow unchanged, through the same
 `dpflow.cli.main` the console script calls. With DPFLOW_INJECT_ONCE=FILE set, the fault
 fires only if FILE does not exist yet, and creates it: a fault that a restart survives.
+With DPFLOW_INJECT_AFTER=GLOB set, it fires at the first step from STEP on at which a file
+matches GLOB (e.g. a checkpoint, which rank 0 writes in the background: a rank that died
+before that write ended would leave no checkpoint to resume from).
 """
 
+import glob
 import os
 import signal
 import sys
@@ -27,6 +31,11 @@ original_step = trainer.Trainer.train_step
 signalled = []
 
 
+def ready():
+    pattern = os.environ.get("DPFLOW_INJECT_AFTER")
+    return not pattern or bool(glob.glob(pattern))
+
+
 def first_time():
     marker = os.environ.get("DPFLOW_INJECT_ONCE")
     if not marker:
@@ -39,7 +48,7 @@ def first_time():
 
 
 def faulty_step(self, permutation, micro_batches):
-    if self.comm.rank == rank and self.global_step + 1 >= step and first_time():
+    if self.comm.rank == rank and self.global_step + 1 >= step and ready() and first_time():
         if kind == "raise":
             raise RuntimeError(f"injected failure at step {self.global_step + 1}")
         if kind == "exit":
